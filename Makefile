@@ -1,0 +1,30 @@
+# Two commands for a fresh machine:
+#   make demo   installs invops in .venv and runs the end-to-end demo on synthetic data
+#   make test   installs invops with its test extras in .venv and runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+
+.PHONY: demo test lint install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(PIP) install --quiet -c constraints.txt torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e ".[test,examples,dev]"
+
+demo: install
+	$(BIN)/python examples/demo_chain.py
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check invops tests examples benchmarks
+	$(BIN)/ruff format --check invops tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

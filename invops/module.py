@@ -1,0 +1,718 @@
+"""The operator contract: InvertibleModule, Chain, Reversed and Block.
+
+A layer implements its math once, in differentiable torch ops (``_forward`` and ``_inverse``).
+Everything else (memory-free reverse mode, forward mode, the Jacobian operator, the autograd
+bridge, array conversion and input checks) is provided here, so that every layer and network looks
+the same from outside. Layers may override ``_pullback`` / ``_pullback_inverse`` with a cheaper
+hand-written reverse pass; the generic one recomputes the input by inversion and backpropagates
+through one local forward graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ._arrays import array_kind, from_torch, to_torch
+
+__all__ = [
+    "InvertibleModule",
+    "Chain",
+    "Reversed",
+    "Block",
+    "plain_autograd",
+    "is_plain_autograd",
+]
+
+Grads = dict  # maps a parameter to its cotangent; several uses of one parameter are summed
+
+_PLAIN_AUTOGRAD: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "invops_plain_autograd", default=False
+)
+
+
+@contextlib.contextmanager
+def plain_autograd(enabled: bool = True) -> Iterator[None]:
+    """Run every invops module through plain torch autograd inside the block.
+
+    The math is the same ``_forward`` / ``_inverse`` code, but torch stores every activation as
+    usual. This is the correctness oracle for the memory-free reverse mode and the baseline for
+    memory benchmarks.
+
+    Examples
+    --------
+    >>> import torch, invops
+    >>> layer = invops.ActNorm(3).double()
+    >>> x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    >>> with invops.plain_autograd():
+    ...     y, logdet = layer(x)
+    >>> y.grad_fn is not None
+    True
+    """
+    token = _PLAIN_AUTOGRAD.set(enabled)
+    try:
+        yield
+    finally:
+        _PLAIN_AUTOGRAD.reset(token)
+
+
+def is_plain_autograd() -> bool:
+    """Whether :func:`plain_autograd` is active."""
+    return _PLAIN_AUTOGRAD.get()
+
+
+def add_grads(total: Grads, new: Grads) -> Grads:
+    """Accumulate parameter cotangents of ``new`` into ``total`` (in place) and return it."""
+    for p, g in new.items():
+        total[p] = g if p not in total else total[p] + g
+    return total
+
+
+def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _local_grads(
+    outputs: Sequence[torch.Tensor],
+    cotangents: Sequence[torch.Tensor | None],
+    inputs: Sequence[torch.Tensor],
+    params: Sequence[torch.nn.Parameter],
+) -> tuple[list[torch.Tensor | None], Grads]:
+    """Backpropagate ``cotangents`` through a local graph to ``inputs`` and ``params``."""
+    pairs = [(o, c) for o, c in zip(outputs, cotangents) if c is not None and o.requires_grad]
+    targets = [t for t in inputs if t is not None and t.requires_grad] + list(params)
+    if not pairs or not targets:
+        return [None] * len(inputs), {}
+    grads = torch.autograd.grad(
+        [o for o, _ in pairs], targets, [c for _, c in pairs], allow_unused=True
+    )
+    grads_iter = iter(grads)
+    dinputs = [next(grads_iter) if t is not None and t.requires_grad else None for t in inputs]
+    dparams = {p: g for p, g in zip(params, grads_iter) if g is not None}
+    return dinputs, dparams
+
+
+def _differentiable_copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    t = t.detach()
+    return t.requires_grad_() if t.is_floating_point() or t.is_complex() else t
+
+
+class _Oriented(torch.nn.Module):
+    """Calls a module's raw math in one direction, so ``torch.func.functional_call`` can use it."""
+
+    def __init__(self, module: InvertibleModule, inverse: bool) -> None:
+        super().__init__()
+        self.module = module
+        self.inverse = inverse
+
+    def forward(self, x: torch.Tensor, *cond: torch.Tensor):
+        if self.inverse:
+            return self.module._inverse(x, *cond)
+        return self.module._forward(x, *cond)
+
+
+class InvertibleModule(torch.nn.Module):
+    """Base class of every invertible layer and network: a nonlinear operator.
+
+    Subclasses implement ``_forward(x, *cond) -> (y, logdet)`` and
+    ``_inverse(y, *cond) -> (x, logdet_inv)`` with differentiable torch ops, where ``logdet`` has
+    shape ``(B,)`` and is the log absolute determinant of dy/dx for each sample. They may
+    implement ``_validate(x, cond, inverse)`` to check shapes, and ``_pullback`` /
+    ``_pullback_inverse`` to provide a cheaper reverse pass than the generic one.
+
+    Parameters
+    ----------
+    logdet : bool
+        Whether the public methods return (and accept cotangents for) the log-determinant.
+
+    Notes
+    -----
+    For a map :math:`y = f_\\theta(x)` with log-determinant :math:`\\ell(x) = \\log|\\det
+    \\partial_x f_\\theta(x)|`, the reverse mode computes, for cotangents :math:`\\bar y` and
+    :math:`\\bar\\ell`,
+
+    .. math::
+        \\bar x = (\\partial_x f)^T \\bar y + (\\partial_x \\ell)^T \\bar\\ell, \\qquad
+        \\bar\\theta = (\\partial_\\theta f)^T \\bar y + (\\partial_\\theta \\ell)^T \\bar\\ell,
+
+    from the output :math:`y` alone: :math:`x = f_\\theta^{-1}(y)` is recomputed, so a network
+    of :math:`N` layers stores no activations between layers. The forward mode computes
+    :math:`\\dot y = \\partial_x f\\,\\dot x + \\partial_\\theta f\\,\\dot\\theta` with
+    ``torch.func.jvp``.
+
+    Attributes
+    ----------
+    n_cond : int
+        Number of condition tensors the module takes after ``x``.
+    memory_free : bool
+        If False, ``module(x)`` under grad mode uses plain autograd instead of the memory-free
+        bridge (same math, stored activations).
+    """
+
+    n_cond: int = 0
+
+    def __init__(self, logdet: bool = True) -> None:
+        super().__init__()
+        self.logdet = bool(logdet)
+        self.memory_free = True
+
+    # ------------------------------------------------------------------ math, to be implemented
+    def _forward(self, x: torch.Tensor, *cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _inverse(self, y: torch.Tensor, *cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _validate(self, x: torch.Tensor, cond: tuple, inverse: bool) -> None:
+        """Raise ``ValueError`` if ``x`` (an output when ``inverse``) has the wrong shape."""
+
+    # ------------------------------------------------------------------ reverse mode primitives
+    def _pullback(
+        self,
+        y: torch.Tensor,
+        cond: tuple,
+        dy: torch.Tensor,
+        dlogdet: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, Grads]:
+        """Reverse mode of the forward map, from its output.
+
+        Returns ``(x, dx, dcond, grads)``: the recomputed input, its cotangent, the cotangents of
+        the conditions (``None`` where not differentiable) and a dict of parameter cotangents.
+        """
+        with torch.no_grad():
+            x, _ = self._inverse(y, *cond)
+        dx, dcond, grads = self._local_backprop(x, cond, dy, dlogdet, inverse=False)
+        return x, dx, dcond, grads
+
+    def _pullback_inverse(
+        self,
+        x: torch.Tensor,
+        cond: tuple,
+        dx: torch.Tensor,
+        dlogdet: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, Grads]:
+        """Reverse mode of the inverse map from its output ``x``: ``(y, dy, dcond, grads)``."""
+        with torch.no_grad():
+            y, _ = self._forward(x, *cond)
+        dy, dcond, grads = self._local_backprop(y, cond, dx, dlogdet, inverse=True)
+        return y, dy, dcond, grads
+
+    def _local_backprop(self, inp, cond, dout, dlogdet, inverse):
+        inp = _differentiable_copy(inp)
+        cond = tuple(_differentiable_copy(c) for c in cond)
+        params = _trainable(self)
+        with torch.enable_grad():
+            out, logdet = (self._inverse if inverse else self._forward)(inp, *cond)
+            dinputs, grads = _local_grads((out, logdet), (dout, dlogdet), (inp, *cond), params)
+        dinp = dinputs[0] if dinputs[0] is not None else torch.zeros_like(inp)
+        return dinp, tuple(dinputs[1:]), grads
+
+    # ------------------------------------------------------------------ forward mode primitive
+    def _jvp(
+        self,
+        x: torch.Tensor,
+        cond: tuple,
+        dx: torch.Tensor | None,
+        dcond: tuple | None,
+        dtheta: dict | None,
+        inverse: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward mode with ``torch.func.jvp``; returns ``(y, dy, logdet, dlogdet)``."""
+        wrapper = _Oriented(self, inverse)
+        names = [n for n, p in self.named_parameters() if p.requires_grad]
+        params = [p for p in self.parameters() if p.requires_grad]
+        dtheta = dtheta or {}
+        dparams = [dtheta[p] if dtheta.get(p) is not None else torch.zeros_like(p) for p in params]
+        dx = torch.zeros_like(x) if dx is None else dx
+        dcond = dcond or (None,) * len(cond)
+        diff_cond = [i for i, c in enumerate(cond) if dcond[i] is not None]
+
+        def f(x_, cond_, params_):
+            full_cond = list(cond)
+            for i, c in zip(diff_cond, cond_):
+                full_cond[i] = c
+            state = {"module." + n: t for n, t in zip(names, params_)}
+            return torch.func.functional_call(wrapper, state, (x_, *full_cond), strict=False)
+
+        (y, logdet), (dy, dlogdet) = torch.func.jvp(
+            f,
+            (x, tuple(cond[i] for i in diff_cond), tuple(p.detach() for p in params)),
+            (dx, tuple(dcond[i] for i in diff_cond), tuple(dparams)),
+        )
+        return y, dy, logdet, dlogdet
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def _reference_tensor(self) -> torch.Tensor | None:
+        for t in self.parameters():
+            return t
+        for t in self.buffers():
+            if t.is_floating_point():
+                return t
+        return None
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype of the module's parameters, or None for a module without any."""
+        ref = self._reference_tensor
+        return None if ref is None else ref.dtype
+
+    @property
+    def device(self) -> torch.device | None:
+        """The device of the module's parameters, or None for a module without any."""
+        ref = self._reference_tensor
+        return None if ref is None else ref.device
+
+    def _to_tensor(self, a: Any, name: str) -> torch.Tensor:
+        ref = self._reference_tensor
+        t = to_torch(
+            a, device=None if ref is None or isinstance(a, torch.Tensor) else ref.device, name=name
+        )
+        if not (t.is_floating_point() or t.is_complex()):
+            raise TypeError(f"{name}: expected a floating-point array, got dtype {t.dtype}")
+        if ref is not None:
+            if t.dtype != ref.dtype:
+                raise TypeError(
+                    f"{name}: expected dtype {ref.dtype} (the module's dtype), got {t.dtype}; "
+                    f"convert the input or the module (module.double() / module.float())"
+                )
+            if t.device != ref.device:
+                raise ValueError(
+                    f"{name}: expected a tensor on {ref.device} (the module's device), "
+                    f"got one on {t.device}"
+                )
+        return t
+
+    def _prepare(self, x: Any, cond: tuple, inverse: bool, name: str = "x"):
+        kind = array_kind(x, name)
+        if len(cond) != self.n_cond:
+            raise TypeError(
+                f"{type(self).__name__} expects {self.n_cond} condition argument(s) after {name}, "
+                f"got {len(cond)}"
+            )
+        x = self._to_tensor(x, name)
+        cond = tuple(self._to_tensor(c, f"cond[{i}]") for i, c in enumerate(cond))
+        self._validate(x, cond, inverse)
+        return kind, x, cond
+
+    def _needs_init(self) -> bool:
+        """Whether a data-dependent initialisation is still pending anywhere in the module."""
+        return (
+            any(
+                m is not self and isinstance(m, InvertibleModule) and m._pending_init()
+                for m in self.modules()
+            )
+            or self._pending_init()
+        )
+
+    def _pending_init(self) -> bool:
+        return False
+
+    def _ensure_initialized(self, x: torch.Tensor, cond: tuple, inverse: bool) -> None:
+        # Data-dependent initialisation mutates parameters, which must not happen inside the
+        # autograd bridge or a torch.func transform, so it runs here, once, before any of them.
+        if self._needs_init():
+            with torch.no_grad():
+                (self._inverse if inverse else self._forward)(x.detach(), *cond)
+
+    def _cotangent_logdet(self, dlogdet: Any, batch: int) -> torch.Tensor | None:
+        if dlogdet is None:
+            return None
+        if not self.logdet:
+            raise ValueError(
+                f"dlogdet was given but {type(self).__name__} was built with logdet=False"
+            )
+        if isinstance(dlogdet, (int, float)):
+            ref = self._reference_tensor
+            return torch.full(
+                (batch,),
+                float(dlogdet),
+                dtype=ref.dtype if ref is not None else torch.get_default_dtype(),
+                device=None if ref is None else ref.device,
+            )
+        t = to_torch(dlogdet, name="dlogdet")
+        ref = self._reference_tensor
+        if ref is not None:
+            t = t.to(device=ref.device, dtype=ref.dtype)
+        if t.numel() == 1:
+            return t.reshape(()).expand(batch).clone()
+        if tuple(t.shape) != (batch,):
+            raise ValueError(
+                f"dlogdet: expected shape ({batch},) or a scalar, got {tuple(t.shape)}"
+            )
+        return t
+
+    def _use_bridge(self, x: torch.Tensor, cond: tuple) -> bool:
+        if not torch.is_grad_enabled() or not self.memory_free or is_plain_autograd():
+            return False
+        return (
+            x.requires_grad
+            or any(c.requires_grad for c in cond)
+            or any(p.requires_grad for p in self.parameters())
+        )
+
+    def _apply_direction(self, x: Any, cond: tuple, inverse: bool):
+        kind, x, cond = self._prepare(x, cond, inverse)
+        self._ensure_initialized(x, cond, inverse)
+        grad_ctx = contextlib.nullcontext() if kind == "torch" else torch.no_grad()
+        with grad_ctx:
+            if self._use_bridge(x, cond):
+                from .autograd import apply_memory_free
+
+                y, logdet = apply_memory_free(self, x, cond, inverse)
+            else:
+                y, logdet = (self._inverse if inverse else self._forward)(x, *cond)
+        if not self.logdet:
+            return from_torch(y, kind)
+        return from_torch(y, kind), from_torch(logdet, kind)
+
+    def _ordered_grads(self, grads: Grads) -> tuple[torch.Tensor, ...]:
+        return tuple(grads[p] if p in grads else torch.zeros_like(p) for p in self.parameters())
+
+    def _dcond_out(self, dcond: tuple, cond: tuple, kind: str):
+        out = tuple(
+            from_torch(d if d is not None else torch.zeros_like(c), kind)
+            for d, c in zip(dcond, cond)
+        )
+        return out[0] if len(out) == 1 else out
+
+    def _reverse_public(self, dout, out, cond, dlogdet, inverse: bool):
+        name = "x" if inverse else "y"
+        kind, out, cond = self._prepare(out, cond, inverse=not inverse, name=name)
+        dout = self._to_tensor(dout, "dy" if not inverse else "dx")
+        if dout.shape != out.shape:
+            raise ValueError(
+                f"cotangent of {name}: expected shape {tuple(out.shape)}, got {tuple(dout.shape)}"
+            )
+        self._ensure_initialized(out, cond, inverse=not inverse)
+        dlogdet = self._cotangent_logdet(dlogdet, out.shape[0])
+        with torch.no_grad():
+            if inverse:
+                inp, dinp, dcond, grads = self._pullback_inverse(out, cond, dout, dlogdet)
+            else:
+                inp, dinp, dcond, grads = self._pullback(out, cond, dout, dlogdet)
+        return kind, inp, dinp, cond, dcond, grads
+
+    # ------------------------------------------------------------------ public API
+    def forward(self, x: Any, *cond: Any):
+        """Apply the map: ``y, logdet`` (``y`` alone when ``logdet=False``).
+
+        Under torch grad mode with torch inputs, the call goes through a memory-free
+        ``torch.autograd.Function`` that saves only the output.
+        """
+        return self._apply_direction(x, cond, inverse=False)
+
+    def inverse(self, y: Any, *cond: Any):
+        """Invert the map: ``x, logdet_inv`` with ``logdet_inv = -logdet(x)``."""
+        return self._apply_direction(y, cond, inverse=True)
+
+    def backward(self, dy: Any, y: Any, *cond: Any, dlogdet: Any = None):
+        """Reverse mode from the output ``y``, with no stored activations.
+
+        Recomputes ``x`` by inversion, accumulates dL/dtheta into ``p.grad`` and returns
+        ``dx, x`` (conditional modules: ``dx, x, dcond``). ``dlogdet`` is the cotangent of the
+        log-determinant, of shape ``(B,)`` or a scalar; ``None`` means zero.
+        """
+        kind, x, dx, cond, dcond, grads = self._reverse_public(dy, y, cond, dlogdet, inverse=False)
+        _accumulate_into_grad(grads)
+        out = (from_torch(dx, kind), from_torch(x, kind))
+        return out + (self._dcond_out(dcond, cond, kind),) if self.n_cond else out
+
+    def backward_inverse(self, dx: Any, x: Any, *cond: Any, dlogdet: Any = None):
+        """Reverse mode of the inverse map from its output ``x``: returns ``dy, y`` (+ ``dcond``).
+
+        ``dlogdet`` is the cotangent of the inverse's log-determinant.
+        """
+        kind, y, dy, cond, dcond, grads = self._reverse_public(dx, x, cond, dlogdet, inverse=True)
+        _accumulate_into_grad(grads)
+        out = (from_torch(dy, kind), from_torch(y, kind))
+        return out + (self._dcond_out(dcond, cond, kind),) if self.n_cond else out
+
+    def vjp(self, dy: Any, y: Any, *cond: Any, dlogdet: Any = None):
+        """Adjoint Jacobian: ``dx, dtheta, x`` (+ ``dcond``), without touching ``p.grad``.
+
+        ``dtheta`` is a tuple ordered as ``parameters()``; frozen parameters
+        (``requires_grad=False``) are constants and get zeros.
+        """
+        kind, x, dx, cond, dcond, grads = self._reverse_public(dy, y, cond, dlogdet, inverse=False)
+        dtheta = tuple(from_torch(g, kind) for g in self._ordered_grads(grads))
+        out = (from_torch(dx, kind), dtheta, from_torch(x, kind))
+        return out + (self._dcond_out(dcond, cond, kind),) if self.n_cond else out
+
+    def jvp(
+        self,
+        x: Any,
+        *cond: Any,
+        dx: Any = None,
+        dtheta: Sequence | None = None,
+        dcond: Sequence | None = None,
+    ):
+        """Forward mode: ``y, dy, logdet, dlogdet`` (``y, dy`` when ``logdet=False``).
+
+        ``dx`` perturbs the input, ``dtheta`` (a sequence ordered as ``parameters()``, entries
+        may be None) the parameters and ``dcond`` the conditions. Frozen parameters are
+        constants: their entries are ignored.
+        """
+        kind, x, cond = self._prepare(x, cond, inverse=False)
+        self._ensure_initialized(x, cond, inverse=False)
+        dx_t = None if dx is None else self._to_tensor(dx, "dx")
+        if dx_t is not None and dx_t.shape != x.shape:
+            raise ValueError(f"dx: expected shape {tuple(x.shape)}, got {tuple(dx_t.shape)}")
+        dcond_t = None
+        if dcond is not None:
+            if len(dcond) != len(cond):
+                raise ValueError(f"dcond: expected {len(cond)} entries, got {len(dcond)}")
+            dcond_t = tuple(None if d is None else self._to_tensor(d, "dcond") for d in dcond)
+        dtheta_map = self._tangent_dict(dtheta)
+        y, dy, logdet, dlogdet = self._jvp(x, cond, dx_t, dcond_t, dtheta_map)
+        out = (from_torch(y, kind), from_torch(dy, kind))
+        if self.logdet:
+            out += (from_torch(logdet, kind), from_torch(dlogdet, kind))
+        return out
+
+    def _tangent_dict(self, dtheta: Sequence | None) -> dict:
+        if dtheta is None:
+            return {}
+        params = list(self.parameters())
+        if len(dtheta) != len(params):
+            raise ValueError(
+                f"dtheta: expected {len(params)} entries (one per parameter), got {len(dtheta)}"
+            )
+        out = {}
+        for i, (p, d) in enumerate(zip(params, dtheta)):
+            if d is None:
+                continue
+            d = self._to_tensor(d, f"dtheta[{i}]")
+            if d.shape != p.shape:
+                raise ValueError(
+                    f"dtheta[{i}]: expected shape {tuple(p.shape)}, got {tuple(d.shape)}"
+                )
+            out[p] = d
+        return out
+
+    def jacobian(self, x: Any, *cond: Any, wrt: str = "input"):
+        """The linearization at ``x`` as a :class:`invops.JacobianOperator`.
+
+        ``wrt`` is ``"input"``, ``"params"`` (trainable parameters, flattened in
+        ``parameters()`` order) or ``"both"`` (input first, then parameters).
+        """
+        from .jacobian import JacobianOperator
+
+        return JacobianOperator(self, x, *cond, wrt=wrt)
+
+    def reverse(self) -> InvertibleModule:
+        """The inverse map as a module that shares this module's parameters."""
+        return Reversed(self)
+
+
+def _accumulate_into_grad(grads: Grads) -> None:
+    # A cotangent may be the caller's own tensor (autograd passes dy through unchanged for
+    # y = x + p), so p.grad gets a copy; popping keeps one extra parameter alive, not all of them.
+    while grads:
+        p, g = grads.popitem()
+        if p.grad is None:
+            p.grad = g.detach().clone()
+        else:
+            p.grad.add_(g)
+
+
+class Reversed(InvertibleModule):
+    """The inverse of an invertible module, sharing its parameters.
+
+    ``Reversed(m).forward`` is ``m.inverse`` and so on; ``Reversed(m).reverse()`` is ``m``.
+
+    Examples
+    --------
+    >>> import torch, invops
+    >>> layer = invops.Conv1x1(3).double()
+    >>> inv = layer.reverse()
+    >>> x = torch.randn(2, 3, 5, dtype=torch.float64)
+    >>> y, _ = layer(x)
+    >>> torch.allclose(inv(y)[0], x)
+    True
+    """
+
+    def __init__(self, module: InvertibleModule) -> None:
+        super().__init__(logdet=module.logdet)
+        self.module = module
+        self.n_cond = module.n_cond
+
+    def _forward(self, x, *cond):
+        return self.module._inverse(x, *cond)
+
+    def _inverse(self, y, *cond):
+        return self.module._forward(y, *cond)
+
+    def _validate(self, x, cond, inverse):
+        self.module._validate(x, cond, not inverse)
+
+    def _pullback(self, y, cond, dy, dlogdet):
+        return self.module._pullback_inverse(y, cond, dy, dlogdet)
+
+    def _pullback_inverse(self, x, cond, dx, dlogdet):
+        return self.module._pullback(x, cond, dx, dlogdet)
+
+    def reverse(self) -> InvertibleModule:
+        return self.module
+
+    def extra_repr(self) -> str:
+        return ""
+
+
+class Chain(InvertibleModule):
+    """Sequential composition of invertible modules: ``Chain(a, b)(x) = b(a(x))``.
+
+    Log-determinants add. The reverse pass walks the layers from the output, recomputing each
+    layer's input by inverting it, so its peak memory does not grow with the number of layers.
+    Conditional members receive the chain's condition arguments; the others do not.
+
+    Parameters
+    ----------
+    *modules : InvertibleModule
+        The layers, in application order.
+    logdet : bool
+        Whether the chain reports its log-determinant.
+
+    Examples
+    --------
+    >>> import torch, invops
+    >>> flow = invops.Chain(invops.ActNorm(3), invops.Conv1x1(3), invops.LeakyReLU(0.1))
+    >>> x = torch.randn(8, 3, 4, 4)
+    >>> y, logdet = flow(x)
+    >>> logdet.shape
+    torch.Size([8])
+    >>> x_rec, _ = flow.inverse(y)
+    >>> bool((x_rec - x).abs().max() < 1e-4)
+    True
+    """
+
+    def __init__(self, *modules: InvertibleModule, logdet: bool = True) -> None:
+        super().__init__(logdet=logdet)
+        for i, m in enumerate(modules):
+            if not isinstance(m, InvertibleModule):
+                raise TypeError(
+                    f"Chain: argument {i} must be an InvertibleModule, got {type(m).__name__}"
+                )
+        if not modules:
+            raise ValueError("Chain: expected at least one module, got none")
+        self.layers = torch.nn.ModuleList(modules)
+        self.n_cond = max(m.n_cond for m in modules)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> InvertibleModule:
+        return self.layers[i]
+
+    def __iter__(self) -> Iterator[InvertibleModule]:
+        return iter(self.layers)
+
+    @staticmethod
+    def _cond_for(m: InvertibleModule, cond: tuple) -> tuple:
+        return cond[: m.n_cond]
+
+    def _validate(self, x, cond, inverse):
+        layer = self.layers[-1] if inverse else self.layers[0]
+        layer._validate(x, self._cond_for(layer, cond), inverse)
+
+    def _forward(self, x, *cond):
+        total = x.new_zeros(x.shape[0])
+        for m in self.layers:
+            x, logdet = m._forward(x, *self._cond_for(m, cond))
+            total = total + logdet
+        return x, total
+
+    def _inverse(self, y, *cond):
+        total = y.new_zeros(y.shape[0])
+        for m in reversed(self.layers):
+            y, logdet = m._inverse(y, *self._cond_for(m, cond))
+            total = total + logdet
+        return y, total
+
+    def _walk(self, layers, out, cond, dout, dlogdet, inverse):
+        grads: Grads = {}
+        dcond_total: list = [None] * len(cond)
+        for m in layers:
+            mc = self._cond_for(m, cond)
+            pull = m._pullback_inverse if inverse else m._pullback
+            out, dout, dcond, g = pull(out, mc, dout, dlogdet)
+            add_grads(grads, g)
+            for i, d in enumerate(dcond):
+                if d is not None:
+                    dcond_total[i] = d if dcond_total[i] is None else dcond_total[i] + d
+        return out, dout, tuple(dcond_total), grads
+
+    def _pullback(self, y, cond, dy, dlogdet):
+        return self._walk(reversed(self.layers), y, cond, dy, dlogdet, inverse=False)
+
+    def _pullback_inverse(self, x, cond, dx, dlogdet):
+        return self._walk(self.layers, x, cond, dx, dlogdet, inverse=True)
+
+
+class Block(torch.nn.Module):
+    """Base class of non-invertible blocks used inside couplings (activations, residual blocks).
+
+    Subclasses implement ``_forward(x) -> y`` with differentiable torch ops. The block exposes
+    ``forward(x)``, ``backward(dy, x)`` (accumulates parameter gradients, returns ``dx``),
+    ``vjp(dy, x)`` (returns ``dx, dtheta``) and ``jvp(x, dx, dtheta)`` (returns ``y, dy``).
+    """
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x)
+
+    def _vjp(self, dy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, Grads]:
+        x = _differentiable_copy(x)
+        params = _trainable(self)
+        with torch.enable_grad():
+            y = self._forward(x)
+            (dx,), grads = _local_grads((y,), (dy,), (x,), params)
+        return (torch.zeros_like(x) if dx is None else dx), grads
+
+    def backward(self, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        dx, grads = self._vjp(dy, x)
+        _accumulate_into_grad(grads)
+        return dx
+
+    def vjp(self, dy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        dx, grads = self._vjp(dy, x)
+        return dx, tuple(grads.get(p, torch.zeros_like(p)) for p in self.parameters())
+
+    def jvp(
+        self, x: torch.Tensor, dx: torch.Tensor | None = None, dtheta: Sequence | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        names = [n for n, p in self.named_parameters() if p.requires_grad]
+        params = [p for p in self.parameters() if p.requires_grad]
+        all_params = list(self.parameters())
+        tangent = dict(zip(all_params, dtheta)) if dtheta is not None else {}
+        dparams = [
+            tangent[p] if tangent.get(p) is not None else torch.zeros_like(p) for p in params
+        ]
+
+        def f(x_, params_):
+            return torch.func.functional_call(
+                _BlockMath(self),
+                {"block." + n: t for n, t in zip(names, params_)},
+                (x_,),
+                strict=False,
+            )
+
+        dx = torch.zeros_like(x) if dx is None else dx
+        return torch.func.jvp(f, (x, tuple(p.detach() for p in params)), (dx, tuple(dparams)))
+
+
+class _BlockMath(torch.nn.Module):
+    def __init__(self, block: Block) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block._forward(x)

@@ -1,0 +1,3 @@
+"""Invertible networks, one file per network."""
+
+__all__: list[str] = []
