@@ -78,9 +78,7 @@ def _check_slope(slope: float, owner: str) -> float:
 def _check_range(low: float, high: float, owner: str) -> tuple[float, float]:
     low, high = float(low), float(high)
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise ValueError(
-            f"{owner}: expected finite low < high, got low={low}, high={high}"
-        )
+        raise ValueError(f"{owner}: expected finite low < high, got low={low}, high={high}")
     return low, high
 
 
@@ -188,14 +186,14 @@ def leaky_relu(x: torch.Tensor, slope: float = 0.01) -> torch.Tensor:
 
 
 def leaky_relu_inv(y: torch.Tensor, slope: float = 0.01) -> torch.Tensor:
-    r"""Inverse of :func:`leaky_relu`: :math:`y` for :math:`y > 0`, :math:`y/\mathrm{slope}` otherwise.
+    r"""Inverse of :func:`leaky_relu`: :math:`y` for :math:`y > 0`, :math:`y/a` otherwise.
 
     Parameters
     ----------
     y : torch.Tensor
         Output of :func:`leaky_relu`.
     slope : float
-        Slope for negative inputs; must be > 0.
+        Slope :math:`a > 0` for negative inputs.
 
     Returns
     -------

@@ -47,7 +47,7 @@ class JacobianOperator(pylops.LinearOperator):
     >>> x = torch.randn(2, 3, 4, dtype=torch.float64)
     >>> J = layer.jacobian(x, wrt="both")
     >>> J.shape
-    (30, 24)
+    (24, 30)
     >>> bool(pylops.utils.dottest(J, rtol=1e-10))
     True
     """

@@ -269,8 +269,9 @@ class InvertibleModule(torch.nn.Module):
         ref = self._reference_tensor
         return None if ref is None else ref.device
 
-    def _to_tensor(self, a: Any, name: str) -> torch.Tensor:
-        ref = self._reference_tensor
+    def _to_tensor(self, a: Any, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
+        # a module without parameters takes dtype and device from the primary input ``like``
+        ref = self._reference_tensor if self._reference_tensor is not None else like
         t = to_torch(
             a, device=None if ref is None or isinstance(a, torch.Tensor) else ref.device, name=name
         )
@@ -279,12 +280,13 @@ class InvertibleModule(torch.nn.Module):
         if ref is not None:
             if t.dtype != ref.dtype:
                 raise TypeError(
-                    f"{name}: expected dtype {ref.dtype} (the module's dtype), got {t.dtype}; "
+                    f"{name}: expected dtype {ref.dtype} (the module's or input's dtype), "
+                    f"got {t.dtype}; "
                     f"convert the input or the module (module.double() / module.float())"
                 )
             if t.device != ref.device:
                 raise ValueError(
-                    f"{name}: expected a tensor on {ref.device} (the module's device), "
+                    f"{name}: expected a tensor on {ref.device} (the module's or input's device), "
                     f"got one on {t.device}"
                 )
         return t
@@ -297,7 +299,7 @@ class InvertibleModule(torch.nn.Module):
                 f"got {len(cond)}"
             )
         x = self._to_tensor(x, name)
-        cond = tuple(self._to_tensor(c, f"cond[{i}]") for i, c in enumerate(cond))
+        cond = tuple(self._to_tensor(c, f"cond[{i}]", like=x) for i, c in enumerate(cond))
         self._validate(x, cond, inverse)
         return kind, x, cond
 
@@ -385,7 +387,7 @@ class InvertibleModule(torch.nn.Module):
     def _reverse_public(self, dout, out, cond, dlogdet, inverse: bool):
         name = "x" if inverse else "y"
         kind, out, cond = self._prepare(out, cond, inverse=not inverse, name=name)
-        dout = self._to_tensor(dout, "dy" if not inverse else "dx")
+        dout = self._to_tensor(dout, "dx" if inverse else "dy", like=out)
         if dout.shape != out.shape:
             raise ValueError(
                 f"cotangent of {name}: expected shape {tuple(out.shape)}, got {tuple(dout.shape)}"
@@ -461,14 +463,16 @@ class InvertibleModule(torch.nn.Module):
         """
         kind, x, cond = self._prepare(x, cond, inverse=False)
         self._ensure_initialized(x, cond, inverse=False)
-        dx_t = None if dx is None else self._to_tensor(dx, "dx")
+        dx_t = None if dx is None else self._to_tensor(dx, "dx", like=x)
         if dx_t is not None and dx_t.shape != x.shape:
             raise ValueError(f"dx: expected shape {tuple(x.shape)}, got {tuple(dx_t.shape)}")
         dcond_t = None
         if dcond is not None:
             if len(dcond) != len(cond):
                 raise ValueError(f"dcond: expected {len(cond)} entries, got {len(dcond)}")
-            dcond_t = tuple(None if d is None else self._to_tensor(d, "dcond") for d in dcond)
+            dcond_t = tuple(
+                None if d is None else self._to_tensor(d, "dcond", like=x) for d in dcond
+            )
         dtheta_map = self._tangent_dict(dtheta)
         y, dy, logdet, dlogdet = self._jvp(x, cond, dx_t, dcond_t, dtheta_map)
         out = (from_torch(y, kind), from_torch(dy, kind))

@@ -65,9 +65,7 @@ def _pair(x: Any, y: Any, owner: str) -> tuple[str, torch.Tensor, torch.Tensor]:
             f"{tuple(yt.shape)}"
         )
     if yt.dtype != xt.dtype:
-        raise TypeError(
-            f"{owner}: x and y must have the same dtype, got {xt.dtype} and {yt.dtype}"
-        )
+        raise TypeError(f"{owner}: x and y must have the same dtype, got {xt.dtype} and {yt.dtype}")
     if yt.device != xt.device:
         yt = yt.to(xt.device)
     return kind, xt, yt
@@ -101,9 +99,7 @@ def _gaussian_args(
     mean_t = as_param(mean, "mean")
     std_t = as_param(std, "std")
     positive = std_t > 0 if isinstance(std_t, float) else bool((std_t > 0).all())
-    finite = (
-        math.isfinite(std_t) if isinstance(std_t, float) else bool(std_t.isfinite().all())
-    )
+    finite = math.isfinite(std_t) if isinstance(std_t, float) else bool(std_t.isfinite().all())
     if not (positive and finite):
         raise ValueError(f"{owner}: std must be finite and > 0, got {std}")
     return kind, zt, mean_t, std_t

@@ -110,9 +110,11 @@ def test_explicit_backward_equals_loss_backward():
 
 def test_adam_trains_a_small_chain():
     torch.manual_seed(3)
-    data = torch.randn(64, 3, 4, 4, dtype=torch.float64) * torch.tensor(
-        [0.5, 2.0, 1.0], dtype=torch.float64
-    ).reshape(1, 3, 1, 1) + 1.0
+    data = (
+        torch.randn(64, 3, 4, 4, dtype=torch.float64)
+        * torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64).reshape(1, 3, 1, 1)
+        + 1.0
+    )
     net = flow()
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     losses = []

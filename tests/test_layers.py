@@ -15,10 +15,7 @@ from invops.testing import (
 )
 
 CASES = [
-    (rank, batch, channels)
-    for rank in (0, 1, 2, 3)
-    for batch in (1, 3)
-    for channels in (1, 3, 6)
+    (rank, batch, channels) for rank in (0, 1, 2, 3) for batch in (1, 3) for channels in (1, 3, 6)
 ]
 
 
@@ -125,9 +122,7 @@ def test_actnorm_initialises_to_zero_mean_unit_variance(rank):
     y, _ = layer(x)
     dims = [d for d in range(y.ndim) if d != 1]
     torch.testing.assert_close(y.mean(dim=dims), torch.zeros(5, dtype=torch.float64))
-    torch.testing.assert_close(
-        y.var(dim=dims, unbiased=False), torch.ones(5, dtype=torch.float64)
-    )
+    torch.testing.assert_close(y.var(dim=dims, unbiased=False), torch.ones(5, dtype=torch.float64))
     # a second batch does not re-initialise
     before = [p.clone() for p in layer.parameters()]
     layer(x + 1)

@@ -192,3 +192,10 @@ def test_parameter_gradient_never_aliases_the_cotangent():
     layer.backward(dy, y)
     layer.backward(dy, y)
     assert torch.equal(dy, dy_copy)
+
+
+def test_parameterless_module_checks_cotangent_dtype_against_input():
+    layer = invops.LeakyReLU(0.3)
+    y, _ = layer(torch.randn(2, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"dy: expected dtype torch.float64"):
+        layer.backward(torch.ones(2, 3, dtype=torch.float32), y)

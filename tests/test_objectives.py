@@ -45,7 +45,10 @@ def test_gaussian_nll_hand_value():
     z = torch.tensor([[1.0, 2.0], [0.0, -1.0]], dtype=DT)
     nll = invops.gaussian_nll(z, mean=1.0, std=2.0)
     # 0.5 * sum(((z - 1) / 2)^2) + 2 log 2 + log(2 pi)
-    ref = [0.5 * (0 + 0.25) + 2 * math.log(2) + LOG2PI, 0.5 * (0.25 + 1.0) + 2 * math.log(2) + LOG2PI]
+    ref = [
+        0.5 * (0 + 0.25) + 2 * math.log(2) + LOG2PI,
+        0.5 * (0.25 + 1.0) + 2 * math.log(2) + LOG2PI,
+    ]
     torch.testing.assert_close(nll, torch.tensor(ref, dtype=DT), rtol=1e-14, atol=0)
 
 
@@ -56,7 +59,8 @@ def test_gaussian_nll_matches_torch_distributions(shape):
     std = torch.exp(0.3 * randn((1, shape[1], *([1] * (len(shape) - 2))), seed=2))
     ref = -torch.distributions.Normal(mean, std).log_prob(z).reshape(shape[0], -1).sum(1)
     torch.testing.assert_close(invops.gaussian_nll(z, mean, std), ref, rtol=1e-13, atol=1e-13)
-    ref_scalar = -torch.distributions.Normal(0.5, 1.7).log_prob(z).reshape(shape[0], -1).sum(1)
+    scalars = torch.tensor(0.5, dtype=DT), torch.tensor(1.7, dtype=DT)
+    ref_scalar = -torch.distributions.Normal(*scalars).log_prob(z).reshape(shape[0], -1).sum(1)
     torch.testing.assert_close(invops.gaussian_nll(z, 0.5, 1.7), ref_scalar, rtol=1e-13, atol=0)
 
 
@@ -177,8 +181,12 @@ def test_huber_limits():
     # continuity at |r| = delta
     for delta in (0.5, 1.0, 3.0):
         eps = 1e-9
-        a = invops.huber(torch.tensor([[delta - eps]], dtype=DT), torch.zeros(1, 1, dtype=DT), delta)
-        b = invops.huber(torch.tensor([[delta + eps]], dtype=DT), torch.zeros(1, 1, dtype=DT), delta)
+        a = invops.huber(
+            torch.tensor([[delta - eps]], dtype=DT), torch.zeros(1, 1, dtype=DT), delta
+        )
+        b = invops.huber(
+            torch.tensor([[delta + eps]], dtype=DT), torch.zeros(1, 1, dtype=DT), delta
+        )
         assert abs(float(a) - 0.5 * delta**2) < 1e-8 and abs(float(b) - float(a)) < 1e-8
 
 
@@ -229,7 +237,9 @@ def test_flow_nll_value_and_grads():
 
 def test_flow_nll_drives_a_flow_backward():
     """flow.backward(dz, z, dlogdet) with flow_nll_grad equals autograd of the loss."""
-    flow = invops.Chain(invops.ActNorm(3), invops.LeakyReLU(0.2), invops.Sigmoid(-3.0, 3.0)).double()
+    flow = invops.Chain(
+        invops.ActNorm(3), invops.LeakyReLU(0.2), invops.Sigmoid(-3.0, 3.0)
+    ).double()
     x = randn((4, 3, 5), 5)
     flow(x)  # data-dependent initialisation of ActNorm
     z, logdet = flow(x)

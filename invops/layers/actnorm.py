@@ -44,8 +44,8 @@ class ActNorm(InvertibleModule):
     >>> an = invops.ActNorm(2)
     >>> x = 3.0 + 2.0 * torch.randn(64, 2, 8)
     >>> y, logdet = an(x)
-    >>> [round(v, 3) for v in y.mean(dim=(0, 2)).tolist()]
-    [0.0, 0.0]
+    >>> bool(y.mean(dim=(0, 2)).abs().max() < 1e-5)
+    True
     """
 
     def __init__(self, n_channels: int, logdet: bool = True) -> None:
