@@ -23,8 +23,8 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check invops tests examples benchmarks
-	$(BIN)/ruff format --check invops tests examples benchmarks
+	$(BIN)/ruff check invops tests examples $(wildcard benchmarks)
+	$(BIN)/ruff format --check invops tests examples $(wildcard benchmarks)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
