@@ -23,6 +23,8 @@ __all__ = [
     "InvertibleModule",
     "Chain",
     "Reversed",
+    "Identity",
+    "Parallel",
     "Block",
     "plain_autograd",
     "is_plain_autograd",
@@ -659,58 +661,168 @@ class Chain(InvertibleModule):
         return self._walk(self.layers, x, cond, dx, dlogdet, inverse=True)
 
 
+class Identity(InvertibleModule):
+    """The identity map (logdet 0); a placeholder lane in :class:`Parallel`."""
+
+    def _forward(self, x, *cond):
+        return x, x.new_zeros(x.shape[0])
+
+    def _inverse(self, y, *cond):
+        return y, y.new_zeros(y.shape[0])
+
+    def _pullback(self, y, cond, dy, dlogdet):
+        return y, dy, (None,) * len(cond), {}
+
+    def _pullback_inverse(self, x, cond, dx, dlogdet):
+        return x, dx, (None,) * len(cond), {}
+
+
+class Parallel(InvertibleModule):
+    """Apply modules side by side to consecutive channel groups: ``[a(x[:, :n]), b(x[:, n:])]``.
+
+    Parameters
+    ----------
+    *modules : InvertibleModule
+        One module per channel group. All must scale the channel count by the same factor
+        (1 for most layers, ``2**ndim`` for squeezes), so output groups follow from input groups.
+    sizes : sequence of int
+        Channel count of each input group; they must add up to the input's channels.
+    logdet : bool
+        Whether to report the log-determinant (the sum of the members').
+
+    Examples
+    --------
+    >>> import torch, invops
+    >>> from invops.module import Identity, Parallel
+    >>> par = Parallel(Identity(), invops.ActNorm(2), sizes=(1, 2))
+    >>> y, logdet = par(torch.randn(4, 3, 5))
+    >>> y.shape
+    torch.Size([4, 3, 5])
+    """
+
+    def __init__(self, *modules: InvertibleModule, sizes: Sequence[int], logdet: bool = True):
+        super().__init__(logdet=logdet)
+        if len(modules) != len(sizes) or not modules:
+            raise ValueError(
+                f"Parallel: expected one channel size per module, got {len(modules)} modules "
+                f"and sizes {tuple(sizes)}"
+            )
+        if any(int(n) < 1 for n in sizes):
+            raise ValueError(f"Parallel: sizes must be >= 1, got {tuple(sizes)}")
+        self.lanes = torch.nn.ModuleList(modules)
+        self.sizes = tuple(int(n) for n in sizes)
+        self.n_cond = max(m.n_cond for m in modules)
+
+    def _groups(self, x: torch.Tensor) -> list[torch.Tensor]:
+        factor = x.shape[1] // sum(self.sizes)
+        return list(torch.split(x, [n * factor for n in self.sizes], dim=1))
+
+    def _validate(self, x, cond, inverse):
+        total = sum(self.sizes)
+        if x.ndim < 2 or x.shape[1] % total:
+            raise ValueError(
+                f"Parallel: {'y' if inverse else 'x'} must have a multiple of {total} channels "
+                f"(groups {self.sizes}), got shape {tuple(x.shape)}"
+            )
+
+    def _run(self, x, cond, inverse):
+        outs, total = [], x.new_zeros(x.shape[0])
+        for m, part in zip(self.lanes, self._groups(x)):
+            out, logdet = (m._inverse if inverse else m._forward)(part, *cond[: m.n_cond])
+            outs.append(out)
+            total = total + logdet
+        return torch.cat(outs, dim=1), total
+
+    def _forward(self, x, *cond):
+        return self._run(x, cond, inverse=False)
+
+    def _inverse(self, y, *cond):
+        return self._run(y, cond, inverse=True)
+
+    def _walk(self, out, cond, dout, dlogdet, inverse):
+        inputs, dinputs, grads = [], [], {}
+        dcond_total: list = [None] * len(cond)
+        for m, part, dpart in zip(self.lanes, self._groups(out), self._groups(dout)):
+            pull = m._pullback_inverse if inverse else m._pullback
+            inp, dinp, dcond, g = pull(part, cond[: m.n_cond], dpart, dlogdet)
+            inputs.append(inp)
+            dinputs.append(dinp)
+            add_grads(grads, g)
+            for i, d in enumerate(dcond):
+                if d is not None:
+                    dcond_total[i] = d if dcond_total[i] is None else dcond_total[i] + d
+        return torch.cat(inputs, 1), torch.cat(dinputs, 1), tuple(dcond_total), grads
+
+    def _pullback(self, y, cond, dy, dlogdet):
+        return self._walk(y, cond, dy, dlogdet, inverse=False)
+
+    def _pullback_inverse(self, x, cond, dx, dlogdet):
+        return self._walk(x, cond, dx, dlogdet, inverse=True)
+
+
 class Block(torch.nn.Module):
     """Base class of non-invertible blocks used inside couplings (activations, residual blocks).
 
-    Subclasses implement ``_forward(x) -> y`` with differentiable torch ops. The block exposes
-    ``forward(x)``, ``backward(dy, x)`` (accumulates parameter gradients, returns ``dx``),
-    ``vjp(dy, x)`` (returns ``dx, dtheta``) and ``jvp(x, dx, dtheta)`` (returns ``y, dy``).
+    Subclasses implement ``_forward(x, *cond) -> y`` with differentiable torch ops. The block
+    exposes ``forward(x, *cond)``, ``backward(dy, x, *cond)`` (accumulates parameter gradients,
+    returns ``dx``, or ``dx, dcond`` with conditions), ``vjp(dy, x, *cond)`` (returns
+    ``dx, dtheta`` or ``dx, dtheta, dcond``) and ``jvp(x, *cond, dx=None, dtheta=None,
+    dcond=None)`` (returns ``y, dy``). Blocks work on torch tensors.
     """
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(x)
+    def forward(self, x: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, *cond)
 
-    def _vjp(self, dy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, Grads]:
+    def _vjp(self, dy, x, cond):
         x = _differentiable_copy(x)
+        cond = tuple(_differentiable_copy(c) for c in cond)
         params = _trainable(self)
         with torch.enable_grad():
-            y = self._forward(x)
-            (dx,), grads = _local_grads((y,), (dy,), (x,), params)
-        return (torch.zeros_like(x) if dx is None else dx), grads
+            y = self._forward(x, *cond)
+            dinputs, grads = _local_grads((y,), (dy,), (x, *cond), params)
+        dinputs = [torch.zeros_like(t) if d is None else d for d, t in zip(dinputs, (x, *cond))]
+        return dinputs[0], tuple(dinputs[1:]), grads
 
-    def backward(self, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        dx, grads = self._vjp(dy, x)
+    def backward(self, dy: torch.Tensor, x: torch.Tensor, *cond: torch.Tensor):
+        dx, dcond, grads = self._vjp(dy, x, cond)
         _accumulate_into_grad(grads)
-        return dx
+        return (dx, *dcond) if cond else dx
 
-    def vjp(self, dy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-        dx, grads = self._vjp(dy, x)
-        return dx, tuple(grads.get(p, torch.zeros_like(p)) for p in self.parameters())
+    def vjp(self, dy: torch.Tensor, x: torch.Tensor, *cond: torch.Tensor):
+        dx, dcond, grads = self._vjp(dy, x, cond)
+        dtheta = tuple(grads.get(p, torch.zeros_like(p)) for p in self.parameters())
+        return (dx, dtheta, *dcond) if cond else (dx, dtheta)
 
     def jvp(
-        self, x: torch.Tensor, dx: torch.Tensor | None = None, dtheta: Sequence | None = None
+        self,
+        x: torch.Tensor,
+        *cond: torch.Tensor,
+        dx: torch.Tensor | None = None,
+        dtheta: Sequence | None = None,
+        dcond: Sequence | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         names = [n for n, p in self.named_parameters() if p.requires_grad]
         params = [p for p in self.parameters() if p.requires_grad]
-        all_params = list(self.parameters())
-        tangent = dict(zip(all_params, dtheta)) if dtheta is not None else {}
+        tangent = dict(zip(self.parameters(), dtheta)) if dtheta is not None else {}
         dparams = [
             tangent[p] if tangent.get(p) is not None else torch.zeros_like(p) for p in params
         ]
+        dcond = tuple(
+            torch.zeros_like(c) if d is None else d
+            for c, d in zip(cond, dcond or (None,) * len(cond))
+        )
 
-        def f(x_, params_):
-            return torch.func.functional_call(
-                _BlockMath(self),
-                {"block." + n: t for n, t in zip(names, params_)},
-                (x_,),
-                strict=False,
-            )
+        def f(x_, cond_, params_):
+            state = {"block." + n: t for n, t in zip(names, params_)}
+            return torch.func.functional_call(_BlockMath(self), state, (x_, *cond_), strict=False)
 
         dx = torch.zeros_like(x) if dx is None else dx
-        return torch.func.jvp(f, (x, tuple(p.detach() for p in params)), (dx, tuple(dparams)))
+        return torch.func.jvp(
+            f, (x, tuple(cond), tuple(p.detach() for p in params)), (dx, dcond, tuple(dparams))
+        )
 
 
 class _BlockMath(torch.nn.Module):
@@ -718,5 +830,5 @@ class _BlockMath(torch.nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(self, x):
-        return self.block._forward(x)
+    def forward(self, x, *cond):
+        return self.block._forward(x, *cond)

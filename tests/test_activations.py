@@ -468,7 +468,7 @@ def test_block_derivatives(cls, shape):
     assert dtheta == ()
 
     v = torch.randn(shape, generator=_gen(10), dtype=DT)
-    y_j, dy_j = block.jvp(x, v)
+    y_j, dy_j = block.jvp(x, dx=v)
     y_ref, dy_ref = torch.func.jvp(block._forward, (x,), (v,))
     torch.testing.assert_close(y_j, y_ref)
     torch.testing.assert_close(dy_j, dy_ref, rtol=1e-13, atol=1e-15)
