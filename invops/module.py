@@ -98,6 +98,25 @@ def _local_grads(
     return dinputs, dparams
 
 
+def functional_state(
+    module: torch.nn.Module, replacements: dict, prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """State for ``torch.func.functional_call`` (``tie_weights=False``) replacing parameters.
+
+    Each module object is named once (shared modules, such as a convolution and its
+    ``reverse()``, are reachable by several paths), and each of its replaced parameters is listed
+    under that path. Naming one module object twice makes ``functional_call`` in torch 2.13
+    restore the replacement instead of the parameter after the call; naming only one of several
+    modules that share a parameter would replace it in one of them only.
+    """
+    state = {}
+    for path, sub in module.named_modules():
+        for attr, p in sub._parameters.items():
+            if p is not None and p in replacements:
+                state[prefix + (f"{path}.{attr}" if path else attr)] = replacements[p]
+    return state
+
+
 def _differentiable_copy(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None:
         return None
@@ -227,7 +246,6 @@ class InvertibleModule(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward mode with ``torch.func.jvp``; returns ``(y, dy, logdet, dlogdet)``."""
         wrapper = _Oriented(self, inverse)
-        names = [n for n, p in self.named_parameters() if p.requires_grad]
         params = [p for p in self.parameters() if p.requires_grad]
         dtheta = dtheta or {}
         dparams = [dtheta[p] if dtheta.get(p) is not None else torch.zeros_like(p) for p in params]
@@ -239,8 +257,10 @@ class InvertibleModule(torch.nn.Module):
             full_cond = list(cond)
             for i, c in zip(diff_cond, cond_):
                 full_cond[i] = c
-            state = {"module." + n: t for n, t in zip(names, params_)}
-            return torch.func.functional_call(wrapper, state, (x_, *full_cond), strict=False)
+            state = functional_state(self, dict(zip(params, params_)), prefix="module.")
+            return torch.func.functional_call(
+                wrapper, state, (x_, *full_cond), strict=False, tie_weights=False
+            )
 
         (y, logdet), (dy, dlogdet) = torch.func.jvp(
             f,
@@ -804,7 +824,6 @@ class Block(torch.nn.Module):
         dtheta: Sequence | None = None,
         dcond: Sequence | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        names = [n for n, p in self.named_parameters() if p.requires_grad]
         params = [p for p in self.parameters() if p.requires_grad]
         tangent = dict(zip(self.parameters(), dtheta)) if dtheta is not None else {}
         dparams = [
@@ -816,8 +835,10 @@ class Block(torch.nn.Module):
         )
 
         def f(x_, cond_, params_):
-            state = {"block." + n: t for n, t in zip(names, params_)}
-            return torch.func.functional_call(_BlockMath(self), state, (x_, *cond_), strict=False)
+            state = functional_state(self, dict(zip(params, params_)), prefix="block.")
+            return torch.func.functional_call(
+                _BlockMath(self), state, (x_, *cond_), strict=False, tie_weights=False
+            )
 
         dx = torch.zeros_like(x) if dx is None else dx
         return torch.func.jvp(

@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .module import InvertibleModule, plain_autograd
+from .module import InvertibleModule, functional_state, plain_autograd
 
 __all__ = [
     "gradient_test",
@@ -295,13 +295,14 @@ def check_against_autograd(
     dtheta = [rand_like(p) for p in all_params]
     dcond = [rand_like(c) for c in cond]
     res = module.jvp(x, *cond, dx=dx, dtheta=dtheta, dcond=dcond or None)
-    names = [n for n, p in module.named_parameters() if p.requires_grad]
     tangents = [d for p, d in zip(all_params, dtheta) if p.requires_grad]
 
     def f(x_, cond_, params_):
         with plain_autograd():
-            state = dict(zip(names, params_))
-            out = torch.func.functional_call(module, state, (x_, *cond_), strict=False)
+            state = functional_state(module, dict(zip(params, params_)))
+            out = torch.func.functional_call(
+                module, state, (x_, *cond_), strict=False, tie_weights=False
+            )
         return out if module.logdet else (out, out.new_zeros(out.shape[0]))
 
     (y_ref, ld_ref), (dy_ref, dld_ref) = torch.func.jvp(

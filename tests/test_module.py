@@ -199,3 +199,14 @@ def test_parameterless_module_checks_cotangent_dtype_against_input():
     y, _ = layer(torch.randn(2, 3, dtype=torch.float64))
     with pytest.raises(TypeError, match=r"dy: expected dtype torch.float64"):
         layer.backward(torch.ones(2, 3, dtype=torch.float32), y)
+
+
+def test_jvp_leaves_shared_parameters_intact():
+    # a convolution and its reverse() share one parameter under two names
+    conv = invops.Conv1x1(3).double()
+    chain = invops.Chain(conv, invops.ActNorm(3), conv.reverse()).double()
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    params = list(chain.parameters())
+    chain.jvp(x, dx=x, dtheta=[torch.randn_like(p) for p in params])
+    assert all(a is b and b.requires_grad for a, b in zip(params, chain.parameters()))
+    assert chain.layers[0].vectors is chain.layers[2].module.vectors

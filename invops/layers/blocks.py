@@ -1,0 +1,307 @@
+"""Non-invertible sub-networks used inside coupling layers.
+
+A coupling layer's conditioner is any :class:`~invops.module.Block`: a residual block of strided
+and transposed convolutions (1D/2D/3D), a multilayer perceptron for dense data, or any
+``torch.nn.Module`` wrapped in :class:`TorchBlock`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..activations import galu
+from ..module import Block
+
+__all__ = ["ResidualBlock", "ConditionalResidualBlock", "TorchBlock", "MLPBlock"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _glorot(shape: tuple[int, ...], fan_in: int, fan_out: int) -> torch.nn.Parameter:
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    return torch.nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+
+
+def _check_ndim(ndim: int, owner: str) -> None:
+    if ndim not in (1, 2, 3):
+        raise ValueError(f"{owner}: ndim must be 1, 2 or 3, got {ndim}")
+
+
+def _check_input(x: torch.Tensor, n_in: int, ndim: int, owner: str, name: str = "x") -> None:
+    if x.ndim != ndim + 2 or x.shape[1] != n_in:
+        raise ValueError(
+            f"{owner}: {name} must have shape (B, {n_in}, {', '.join('*' * ndim)}) "
+            f"({ndim}D, {n_in} channels), got {tuple(x.shape)}"
+        )
+
+
+class ResidualBlock(Block):
+    r"""Strided convolution, inner residual convolution, transposed convolution back.
+
+    Parameters
+    ----------
+    n_in, n_hidden : int
+        Input and hidden channels.
+    n_out : int, optional
+        Channels of the transposed convolution's output (default ``2 * n_in``).
+    k1, k2, p1, p2, s1, s2 : int
+        Kernel sizes, paddings and strides of the outer (1) and inner (2) convolutions.
+    activation : callable
+        Element-wise nonlinearity (default ``torch.relu``).
+    fan : bool
+        If True the block outputs :math:`\sigma(Y_3)` (or :math:`Y_3` when
+        ``final_activation=False``) with ``n_out`` channels; if False it outputs
+        :math:`\mathrm{GaLU}(Y_3)` with ``n_out / 2`` channels, as in InvertibleNetworks.jl.
+    final_activation : bool
+        Only with ``fan=True``: apply ``activation`` to the output. invops' coupling layers use
+        ``False``: a final ReLU (the reference's choice) forces the log-scale and shift of every
+        coupling to be non-negative.
+    zero_init : bool
+        Start the transposed convolution at zero, so a coupling built on this block starts as the
+        identity (the Glow initialisation).
+    ndim : int
+        Spatial dimensions, 1, 2 or 3.
+
+    Notes
+    -----
+    With :math:`*` a convolution and :math:`*^T` its transpose,
+
+    .. math::
+        Y_1 = W_1 *_{s_1} X + b_1,\quad X_2 = \sigma(Y_1),\quad
+        Y_2 = X_2 + W_2 *_{s_2} X_2 + b_2,\quad X_3 = \sigma(Y_2),\quad
+        Y_3 = W_3 *^T_{s_1} X_3,
+
+    where the transposed convolution restores the spatial size of :math:`X` (the inner
+    convolution must preserve the size of :math:`X_2`).
+
+    Examples
+    --------
+    >>> import torch, invops
+    >>> rb = invops.ResidualBlock(3, 8, n_out=4, k1=4, p1=0, s1=2, fan=True)
+    >>> rb(torch.randn(2, 3, 8, 8)).shape
+    torch.Size([2, 4, 8, 8])
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_hidden: int,
+        n_out: int | None = None,
+        k1: int = 3,
+        k2: int = 3,
+        p1: int = 1,
+        p2: int = 1,
+        s1: int = 1,
+        s2: int = 1,
+        activation: Callable[[torch.Tensor], torch.Tensor] = torch.relu,
+        fan: bool = False,
+        final_activation: bool = True,
+        zero_init: bool = False,
+        ndim: int = 2,
+    ) -> None:
+        super().__init__()
+        _check_ndim(ndim, "ResidualBlock")
+        n_out = 2 * n_in if n_out is None else n_out
+        if min(n_in, n_hidden, n_out) < 1:
+            raise ValueError(
+                f"ResidualBlock: channel counts must be >= 1, got n_in={n_in}, "
+                f"n_hidden={n_hidden}, n_out={n_out}"
+            )
+        if not fan and n_out % 2:
+            raise ValueError(
+                f"ResidualBlock: fan=False (GaLU output) needs an even n_out, got {n_out}"
+            )
+        self.n_in, self.n_hidden, self.n_out, self.ndim = n_in, n_hidden, n_out, ndim
+        self.k1, self.k2, self.p1, self.p2, self.s1, self.s2 = k1, k2, p1, p2, s1, s2
+        self.activation, self.fan, self.final_activation = activation, fan, final_activation
+        kd1, kd2 = (k1,) * ndim, (k2,) * ndim
+        self.W1 = _glorot((n_hidden, n_in, *kd1), n_in * k1**ndim, n_hidden * k1**ndim)
+        self.W2 = _glorot((n_hidden, n_hidden, *kd2), n_hidden * k2**ndim, n_hidden * k2**ndim)
+        self.W3 = _glorot((n_hidden, n_out, *kd1), n_hidden * k1**ndim, n_out * k1**ndim)
+        if zero_init:
+            with torch.no_grad():
+                self.W3.zero_()
+        self.b1 = torch.nn.Parameter(torch.zeros(n_hidden))
+        self.b2 = torch.nn.Parameter(torch.zeros(n_hidden))
+
+    def extra_repr(self) -> str:
+        return f"{self.n_in}, {self.n_hidden}, n_out={self.n_out}, ndim={self.ndim}, fan={self.fan}"
+
+    def _hidden(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        conv = _CONV[self.ndim]
+        y1 = conv(x, self.W1, self.b1, stride=self.s1, padding=self.p1)
+        if extra is not None:
+            y1 = y1 + extra
+        x2 = self.activation(y1)
+        y2 = x2 + conv(x2, self.W2, self.b2, stride=self.s2, padding=self.p2)
+        if y2.shape != x2.shape:
+            raise ValueError(
+                f"ResidualBlock: the inner convolution (k2={self.k2}, p2={self.p2}, s2={self.s2}) "
+                f"must preserve the hidden shape {tuple(x2.shape)}, got {tuple(y2.shape)}"
+            )
+        return self.activation(y2)
+
+    def _output(self, x3: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        natural = [(n - 1) * self.s1 - 2 * self.p1 + self.k1 for n in x3.shape[2:]]
+        pad = [want - got for want, got in zip(size, natural)]
+        if any(not 0 <= q < max(self.s1, 1) for q in pad):
+            raise ValueError(
+                f"ResidualBlock: cannot map spatial size {tuple(x3.shape[2:])} back to "
+                f"{tuple(size)} with k1={self.k1}, p1={self.p1}, s1={self.s1}"
+            )
+        y3 = _CONV_T[self.ndim](
+            x3, self.W3, stride=self.s1, padding=self.p1, output_padding=tuple(pad)
+        )
+        if not self.fan:
+            return galu(y3)
+        return self.activation(y3) if self.final_activation else y3
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.n_in, self.ndim, "ResidualBlock")
+        return self._output(self._hidden(x), x.shape[2:])
+
+
+class ConditionalResidualBlock(ResidualBlock):
+    r"""A :class:`ResidualBlock` whose first hidden layer also sees a condition.
+
+    Parameters
+    ----------
+    n_in, n_cond, n_hidden : int
+        Channels of the input, of the condition and of the hidden layers.
+    **kwargs
+        As for :class:`ResidualBlock`.
+
+    Notes
+    -----
+    The condition :math:`c` enters the first pre-activation,
+    :math:`Y_1 = W_1 *_{s_1} X + b_1 + W_0 *_{s_1} c`. It is either an image with the input's
+    spatial size (``(B, n_cond, *spatial)``, :math:`W_0` a convolution like :math:`W_1`), or a
+    dense vector ``(B, n_cond)`` (:math:`W_0` a matrix whose output is broadcast over the hidden
+    grid). Unlike InvertibleNetworks.jl, nothing depends on the batch size.
+
+    Examples
+    --------
+    >>> import torch, invops
+    >>> rb = invops.ConditionalResidualBlock(2, 5, 8, n_out=4, fan=True)
+    >>> rb(torch.randn(3, 2, 6, 6), torch.randn(3, 5)).shape
+    torch.Size([3, 4, 6, 6])
+    """
+
+    def __init__(self, n_in: int, n_cond: int, n_hidden: int, **kwargs) -> None:
+        super().__init__(n_in, n_hidden, **kwargs)
+        if n_cond < 1:
+            raise ValueError(f"ConditionalResidualBlock: n_cond must be >= 1, got {n_cond}")
+        self.n_cond = n_cond
+        k = self.k1**self.ndim
+        self.W0 = _glorot((n_hidden, n_cond, *(self.k1,) * self.ndim), n_cond * k, n_hidden * k)
+        self.W0_dense = _glorot((n_hidden, n_cond), n_cond, n_hidden)
+
+    def _forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        owner = "ConditionalResidualBlock"
+        _check_input(x, self.n_in, self.ndim, owner)
+        if c.ndim == 2 and c.shape[1] == self.n_cond and c.shape[0] == x.shape[0]:
+            extra = (c @ self.W0_dense.T).reshape(*c.shape[:1], -1, *([1] * self.ndim))
+        elif c.ndim == x.ndim and c.shape[1] == self.n_cond and c.shape[2:] == x.shape[2:]:
+            extra = _CONV[self.ndim](c, self.W0, stride=self.s1, padding=self.p1)
+        else:
+            raise ValueError(
+                f"{owner}: condition must have shape ({x.shape[0]}, {self.n_cond}) or "
+                f"({x.shape[0]}, {self.n_cond}, {', '.join(map(str, x.shape[2:]))}), "
+                f"got {tuple(c.shape)}"
+            )
+        return self._output(self._hidden(x, extra), x.shape[2:])
+
+
+class TorchBlock(Block):
+    """Turn any ``torch.nn.Module`` into a coupling sub-network.
+
+    The module is called as ``module(x, *cond)``; its parameters become the block's. Reverse
+    mode runs autograd through one evaluation, forward mode runs ``torch.func.jvp`` through
+    ``torch.func.functional_call``, so the module must be written in differentiable torch ops
+    (no in-place updates of its own parameters, no data-dependent Python control flow for jvp).
+
+    Examples
+    --------
+    >>> import torch, invops
+    >>> net = torch.nn.Sequential(torch.nn.Conv1d(2, 8, 3, padding=1), torch.nn.Tanh(),
+    ...                           torch.nn.Conv1d(8, 4, 3, padding=1))
+    >>> coupling = invops.CouplingLayerBasic(4, subnet=invops.TorchBlock(net), ndim=1)
+    >>> y, logdet = coupling(torch.randn(3, 4, 10))
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"TorchBlock: expected a torch.nn.Module, got {type(module).__name__}")
+        self.module = module
+
+    def _forward(self, x: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        return self.module(x, *cond)
+
+
+class MLPBlock(Block):
+    r"""Multilayer perceptron for dense ``(B, n_in)`` data.
+
+    Parameters
+    ----------
+    n_in, n_hidden, n_out : int
+        Input, hidden and output features.
+    n_layers : int
+        Number of hidden layers (each ``Linear`` followed by ``activation``).
+    activation : callable
+        Element-wise nonlinearity (default ``torch.relu``).
+    zero_init : bool
+        Start the last layer at zero (identity coupling at initialisation).
+
+    Notes
+    -----
+    :math:`h_0 = x`, :math:`h_{i} = \sigma(A_i h_{i-1} + a_i)`, output
+    :math:`A_{L+1} h_L + a_{L+1}` (no final nonlinearity).
+
+    Examples
+    --------
+    >>> import torch, invops
+    >>> invops.MLPBlock(3, 16, 4)(torch.randn(5, 3)).shape
+    torch.Size([5, 4])
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_hidden: int,
+        n_out: int,
+        n_layers: int = 2,
+        activation: Callable[[torch.Tensor], torch.Tensor] = torch.relu,
+        zero_init: bool = False,
+    ) -> None:
+        super().__init__()
+        if min(n_in, n_hidden, n_out, n_layers) < 1:
+            raise ValueError(
+                f"MLPBlock: sizes must be >= 1, got n_in={n_in}, n_hidden={n_hidden}, "
+                f"n_out={n_out}, n_layers={n_layers}"
+            )
+        sizes = [n_in] + [n_hidden] * n_layers + [n_out]
+        self.layers = torch.nn.ModuleList(
+            torch.nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:])
+        )
+        if zero_init:
+            with torch.no_grad():
+                self.layers[-1].weight.zero_()
+                self.layers[-1].bias.zero_()
+        self.n_in, self.activation = n_in, activation
+
+    def _forward(self, x: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([x, *cond], dim=1) if cond else x
+        if h.ndim != 2 or h.shape[1] != self.n_in:
+            raise ValueError(
+                f"MLPBlock: input (with conditions concatenated) must have shape (B, {self.n_in}), "
+                f"got {tuple(h.shape)}"
+            )
+        for layer in self.layers[:-1]:
+            h = self.activation(layer(h))
+        return self.layers[-1](h)
