@@ -1,6 +1,6 @@
 """invops: memory-efficient invertible networks as nonlinear operators for inverse problems."""
 
-from . import testing
+from . import operators, testing
 from .activations import (
     ExpClamp,
     GaLU,
@@ -50,6 +50,7 @@ from .module import (
     is_plain_autograd,
     plain_autograd,
 )
+from .networks import NetworkLoop
 from .objectives import (
     flow_nll,
     flow_nll_grad,
@@ -88,6 +89,7 @@ __all__ = [
     "JacobianOperator",
     "LeakyReLU",
     "MLPBlock",
+    "NetworkLoop",
     "Parallel",
     "ReLU",
     "ResidualBlock",
@@ -113,6 +115,7 @@ __all__ = [
     "leaky_relu_inv",
     "mse",
     "mse_grad",
+    "operators",
     "plain_autograd",
     "relu",
     "relu_derivative",

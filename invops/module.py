@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from ._arrays import array_kind, from_torch, to_torch
 
@@ -244,29 +245,37 @@ class InvertibleModule(torch.nn.Module):
         dtheta: dict | None,
         inverse: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Forward mode with ``torch.func.jvp``; returns ``(y, dy, logdet, dlogdet)``."""
-        wrapper = _Oriented(self, inverse)
-        params = [p for p in self.parameters() if p.requires_grad]
+        """Forward mode; returns ``(y, dy, logdet, dlogdet)``.
+
+        Uses ``torch.autograd.forward_ad`` (dual tensors, parameters swapped in with
+        ``functional_call``) rather than ``torch.func.jvp``: the latter hands custom autograd
+        Functions functorch-wrapped tangents without storage, which physics operators working
+        on numpy or cupy arrays cannot read.
+        """
         dtheta = dtheta or {}
-        dparams = [dtheta[p] if dtheta.get(p) is not None else torch.zeros_like(p) for p in params]
-        dx = torch.zeros_like(x) if dx is None else dx
         dcond = dcond or (None,) * len(cond)
-        diff_cond = [i for i, c in enumerate(cond) if dcond[i] is not None]
-
-        def f(x_, cond_, params_):
-            full_cond = list(cond)
-            for i, c in zip(diff_cond, cond_):
-                full_cond[i] = c
-            state = functional_state(self, dict(zip(params, params_)), prefix="module.")
-            return torch.func.functional_call(
-                wrapper, state, (x_, *full_cond), strict=False, tie_weights=False
+        dx = torch.zeros_like(x) if dx is None else dx
+        with fwAD.dual_level():
+            duals = {
+                p: fwAD.make_dual(
+                    p.detach(), dtheta[p] if dtheta.get(p) is not None else torch.zeros_like(p)
+                )
+                for p in self.parameters()
+                if p.requires_grad
+            }
+            state = functional_state(self, duals, prefix="module.")
+            cond_d = tuple(c if d is None else fwAD.make_dual(c, d) for c, d in zip(cond, dcond))
+            y, logdet = torch.func.functional_call(
+                _Oriented(self, inverse),
+                state,
+                (fwAD.make_dual(x, dx), *cond_d),
+                strict=False,
+                tie_weights=False,
             )
-
-        (y, logdet), (dy, dlogdet) = torch.func.jvp(
-            f,
-            (x, tuple(cond[i] for i in diff_cond), tuple(p.detach() for p in params)),
-            (dx, tuple(dcond[i] for i in diff_cond), tuple(dparams)),
-        )
+            y, dy = fwAD.unpack_dual(y)
+            logdet, dlogdet = fwAD.unpack_dual(logdet)
+        dy = torch.zeros_like(y) if dy is None else dy
+        dlogdet = torch.zeros_like(logdet) if dlogdet is None else dlogdet
         return y, dy, logdet, dlogdet
 
     # ------------------------------------------------------------------ helpers
@@ -300,7 +309,9 @@ class InvertibleModule(torch.nn.Module):
         if not (t.is_floating_point() or t.is_complex()):
             raise TypeError(f"{name}: expected a floating-point array, got dtype {t.dtype}")
         if ref is not None:
-            if t.dtype != ref.dtype:
+            # conditions may be complex (data of a complex physics operator) at the same precision
+            dtype = t.real.dtype if t.is_complex() and name.startswith("cond") else t.dtype
+            if dtype != ref.dtype:
                 raise TypeError(
                     f"{name}: expected dtype {ref.dtype} (the module's or input's dtype), "
                     f"got {t.dtype}; "
@@ -824,26 +835,28 @@ class Block(torch.nn.Module):
         dtheta: Sequence | None = None,
         dcond: Sequence | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        params = [p for p in self.parameters() if p.requires_grad]
         tangent = dict(zip(self.parameters(), dtheta)) if dtheta is not None else {}
-        dparams = [
-            tangent[p] if tangent.get(p) is not None else torch.zeros_like(p) for p in params
-        ]
-        dcond = tuple(
-            torch.zeros_like(c) if d is None else d
-            for c, d in zip(cond, dcond or (None,) * len(cond))
-        )
-
-        def f(x_, cond_, params_):
-            state = functional_state(self, dict(zip(params, params_)), prefix="block.")
-            return torch.func.functional_call(
-                _BlockMath(self), state, (x_, *cond_), strict=False, tie_weights=False
-            )
-
+        dcond = dcond or (None,) * len(cond)
         dx = torch.zeros_like(x) if dx is None else dx
-        return torch.func.jvp(
-            f, (x, tuple(cond), tuple(p.detach() for p in params)), (dx, dcond, tuple(dparams))
-        )
+        with fwAD.dual_level():
+            duals = {
+                p: fwAD.make_dual(
+                    p.detach(), tangent[p] if tangent.get(p) is not None else torch.zeros_like(p)
+                )
+                for p in self.parameters()
+                if p.requires_grad
+            }
+            state = functional_state(self, duals, prefix="block.")
+            cond_d = tuple(c if d is None else fwAD.make_dual(c, d) for c, d in zip(cond, dcond))
+            y = torch.func.functional_call(
+                _BlockMath(self),
+                state,
+                (fwAD.make_dual(x, dx), *cond_d),
+                strict=False,
+                tie_weights=False,
+            )
+            y, dy = fwAD.unpack_dual(y)
+        return y, torch.zeros_like(y) if dy is None else dy
 
 
 class _BlockMath(torch.nn.Module):

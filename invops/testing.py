@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pylops
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.utils._pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -202,6 +204,7 @@ def check_against_autograd(
     rtol: float | None = None,
     with_logdet: bool = True,
     seed: int = 0,
+    jvp_oracle: str = "torch.func",
 ) -> dict[str, float]:
     """Compare every derivative mode of ``module`` with plain torch autograd and ``torch.func``.
 
@@ -305,11 +308,20 @@ def check_against_autograd(
             )
         return out if module.logdet else (out, out.new_zeros(out.shape[0]))
 
-    (y_ref, ld_ref), (dy_ref, dld_ref) = torch.func.jvp(
-        f,
-        (x, tuple(cond), tuple(p.detach() for p in params)),
-        (dx, tuple(dcond), tuple(tangents)),
-    )
+    primals = (x, tuple(cond), tuple(p.detach() for p in params))
+    tangents_all = (dx, tuple(dcond), tuple(tangents))
+    if jvp_oracle == "torch.func":
+        (y_ref, ld_ref), (dy_ref, dld_ref) = torch.func.jvp(f, primals, tangents_all)
+    elif jvp_oracle == "forward_ad":
+        with fwAD.dual_level():
+            duals = torch.utils._pytree.tree_map(fwAD.make_dual, primals, tangents_all)
+            y_d, ld_d = f(*duals)
+            y_ref, dy_ref = fwAD.unpack_dual(y_d)
+            ld_ref, dld_ref = fwAD.unpack_dual(ld_d)
+        dy_ref = torch.zeros_like(y_ref) if dy_ref is None else dy_ref
+        dld_ref = torch.zeros_like(ld_ref) if dld_ref is None else dld_ref
+    else:
+        raise ValueError(f"jvp_oracle: expected 'torch.func' or 'forward_ad', got {jvp_oracle!r}")
     errors["jvp:output"] = _rel(res[0], y_ref)
     errors["jvp:tangent"] = _rel(res[1], dy_ref)
     if module.logdet:

@@ -32,6 +32,24 @@ def _check_ndim(ndim: int, owner: str) -> None:
         raise ValueError(f"{owner}: ndim must be 1, 2 or 3, got {ndim}")
 
 
+def check_kernel_fits(x: torch.Tensor, k: int, p: int, owner: str) -> None:
+    """Raise ``ValueError`` if a kernel ``k`` with padding ``p`` is larger than a spatial size."""
+    if any(n + 2 * p < k for n in x.shape[2:]):
+        raise ValueError(
+            f"{owner}: spatial size {tuple(x.shape[2:])} is smaller than the kernel size {k} "
+            f"with padding {p}"
+        )
+
+
+def restoring_padding(h: torch.Tensor, size, k: int, p: int, s: int) -> tuple[int, ...]:
+    """``output_padding`` that makes a transposed convolution of ``h`` return ``size``.
+
+    For ``h`` = conv(x) with kernel ``k``, padding ``p`` and stride ``s``, the missing part
+    ``(n + 2p - k) mod s`` always lies in ``[0, s)``, so every such size is restored.
+    """
+    return tuple(n - ((m - 1) * s - 2 * p + k) for n, m in zip(size, h.shape[2:]))
+
+
 def _check_input(x: torch.Tensor, n_in: int, ndim: int, owner: str, name: str = "x") -> None:
     if x.ndim != ndim + 2 or x.shape[1] != n_in:
         raise ValueError(
@@ -133,29 +151,32 @@ class ResidualBlock(Block):
         return f"{self.n_in}, {self.n_hidden}, n_out={self.n_out}, ndim={self.ndim}, fan={self.fan}"
 
     def _hidden(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        check_kernel_fits(x, self.k1, self.p1, type(self).__name__)
         conv = _CONV[self.ndim]
         y1 = conv(x, self.W1, self.b1, stride=self.s1, padding=self.p1)
         if extra is not None:
             y1 = y1 + extra
         x2 = self.activation(y1)
-        y2 = x2 + conv(x2, self.W2, self.b2, stride=self.s2, padding=self.p2)
-        if y2.shape != x2.shape:
+        inner = (
+            conv(x2, self.W2, self.b2, stride=self.s2, padding=self.p2)
+            if all(n + 2 * self.p2 >= self.k2 for n in x2.shape[2:])
+            else None
+        )
+        if inner is None or inner.shape != x2.shape:
             raise ValueError(
-                f"ResidualBlock: the inner convolution (k2={self.k2}, p2={self.p2}, s2={self.s2}) "
-                f"must preserve the hidden shape {tuple(x2.shape)}, got {tuple(y2.shape)}"
+                f"{type(self).__name__}: the inner convolution (k2={self.k2}, p2={self.p2}, "
+                f"s2={self.s2}) must preserve the hidden shape {tuple(x2.shape)}"
+                + ("" if inner is None else f", got {tuple(inner.shape)}")
             )
-        return self.activation(y2)
+        return self.activation(x2 + inner)
 
     def _output(self, x3: torch.Tensor, size: torch.Size) -> torch.Tensor:
-        natural = [(n - 1) * self.s1 - 2 * self.p1 + self.k1 for n in x3.shape[2:]]
-        pad = [want - got for want, got in zip(size, natural)]
-        if any(not 0 <= q < max(self.s1, 1) for q in pad):
-            raise ValueError(
-                f"ResidualBlock: cannot map spatial size {tuple(x3.shape[2:])} back to "
-                f"{tuple(size)} with k1={self.k1}, p1={self.p1}, s1={self.s1}"
-            )
         y3 = _CONV_T[self.ndim](
-            x3, self.W3, stride=self.s1, padding=self.p1, output_padding=tuple(pad)
+            x3,
+            self.W3,
+            stride=self.s1,
+            padding=self.p1,
+            output_padding=restoring_padding(x3, size, self.k1, self.p1, self.s1),
         )
         if not self.fan:
             return galu(y3)
@@ -206,7 +227,11 @@ class ConditionalResidualBlock(ResidualBlock):
         _check_input(x, self.n_in, self.ndim, owner)
         if c.ndim == 2 and c.shape[1] == self.n_cond and c.shape[0] == x.shape[0]:
             extra = (c @ self.W0_dense.T).reshape(*c.shape[:1], -1, *([1] * self.ndim))
-        elif c.ndim == x.ndim and c.shape[1] == self.n_cond and c.shape[2:] == x.shape[2:]:
+        elif (
+            c.ndim == x.ndim
+            and c.shape[:2] == (x.shape[0], self.n_cond)
+            and c.shape[2:] == x.shape[2:]
+        ):
             extra = _CONV[self.ndim](c, self.W0, stride=self.s1, padding=self.p1)
         else:
             raise ValueError(

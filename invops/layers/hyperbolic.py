@@ -8,7 +8,7 @@ import torch
 
 from ..module import Block, Chain, InvertibleModule, Parallel
 from ..squeeze import HaarSqueeze
-from .blocks import _CONV, _CONV_T, _glorot
+from .blocks import _CONV, _CONV_T, _glorot, check_kernel_fits, restoring_padding
 from .coupling import Coupling
 
 __all__ = ["HyperbolicLayer"]
@@ -34,14 +34,9 @@ class _Leapfrog(Block):
         )
 
     def _forward(self, c):
+        check_kernel_fits(c, self.k, self.p, "HyperbolicLayer")
         h = self.activation(_CONV[self.ndim](c, self.W, self.b, stride=self.s, padding=self.p))
-        natural = [(n - 1) * self.s - 2 * self.p + self.k for n in h.shape[2:]]
-        pad = tuple(want - got for want, got in zip(c.shape[2:], natural))
-        if any(not 0 <= q < max(self.s, 1) for q in pad):
-            raise ValueError(
-                f"HyperbolicLayer: spatial size {tuple(c.shape[2:])} is not reachable with "
-                f"k={self.k}, s={self.s}, p={self.p}"
-            )
+        pad = restoring_padding(h, c.shape[2:], self.k, self.p, self.s)
         back = _CONV_T[self.ndim](h, self.W, stride=self.s, padding=self.p, output_padding=pad)
         return 2.0 * c - self.alpha * back
 

@@ -1,3 +1,5 @@
 """Invertible networks, one file per network."""
 
-__all__: list[str] = []
+from .irim import NetworkLoop
+
+__all__ = ["NetworkLoop"]
