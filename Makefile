@@ -1,5 +1,5 @@
 # Two commands for a fresh machine:
-#   make demo   installs invops in .venv and runs the end-to-end demo on synthetic data
+#   make demo   installs invops in .venv and runs the main demo (i-RIM vs LSQR) on synthetic data
 #   make test   installs invops with its test extras in .venv and runs the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +17,7 @@ install: $(BIN)/python
 	$(PIP) install --quiet -c constraints.txt -e ".[test,examples,dev]"
 
 demo: install
-	$(BIN)/python examples/demo_chain.py
+	$(BIN)/python examples/irim_seismic.py --out examples/output/irim_seismic.png
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -393,7 +393,7 @@ class InvertibleModule(torch.nn.Module):
         )
 
     def _apply_direction(self, x: Any, cond: tuple, inverse: bool):
-        kind, x, cond = self._prepare(x, cond, inverse)
+        kind, x, cond = self._prepare(x, cond, inverse, name="y" if inverse else "x")
         self._ensure_initialized(x, cond, inverse)
         grad_ctx = contextlib.nullcontext() if kind == "torch" else torch.no_grad()
         with grad_ctx:
@@ -755,6 +755,8 @@ class Parallel(InvertibleModule):
                 f"Parallel: {'y' if inverse else 'x'} must have a multiple of {total} channels "
                 f"(groups {self.sizes}), got shape {tuple(x.shape)}"
             )
+        for m, part in zip(self.lanes, self._groups(x)):
+            m._validate(part, cond[: m.n_cond], inverse)
 
     def _run(self, x, cond, inverse):
         outs, total = [], x.new_zeros(x.shape[0])

@@ -179,7 +179,14 @@ class ConditionalLayerHINT(Chain):
 
     def _validate(self, x, cond, inverse):
         self.layers[-1]._validate(x, cond, inverse)
-        self.y_lane._validate(cond[0], (), False)
+        (y,) = cond
+        expected = (x.shape[0], self.n_cond_channels, *x.shape[2:])
+        if tuple(y.shape) != expected:
+            raise ValueError(
+                f"ConditionalLayerHINT: cond[0] (the condition y) must have shape {expected} "
+                f"(the input's batch and spatial size, {self.n_cond_channels} channels), "
+                f"got {tuple(y.shape)}"
+            )
 
     def forward_y(self, y: Any):
         """Apply the condition lane: ``z_y, logdet_y``."""

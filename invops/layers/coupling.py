@@ -154,6 +154,11 @@ class Coupling(InvertibleModule):
                     f"{owner}: cond[{i}] must have batch size {x.shape[0]} (the input's), "
                     f"got shape {tuple(c.shape)}"
                 )
+            if self.ndim == 0 and c.ndim != 2:
+                raise ValueError(
+                    f"{owner}: cond[{i}] must be dense (B, C) like the input, "
+                    f"got shape {tuple(c.shape)}"
+                )
 
     # -- the pieces of the transform
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -147,4 +147,6 @@ class HyperbolicLayer(Chain):
                 f"(B, {n}, {', '.join('*' * self.ndim)}) (two states of "
                 f"{n // 2} channels), got {tuple(x.shape)}"
             )
-        super()._validate(x, cond, inverse)
+        # every piece after the squeeze keeps the shape, so the squeeze sees the same shape in
+        # either direction
+        self.layers[0]._validate(x, cond, inverse)
