@@ -91,6 +91,7 @@ class Operator:
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         """:math:`J^H y` for a batch (its real part for a complex operator and real models)."""
+        self.check_data(y)
         return self._adjoint(y)
 
 
@@ -279,9 +280,10 @@ def _matrix_operator(A, ms, ds, real_model) -> Operator:
     cache: dict = {}
 
     def on(t: torch.Tensor) -> torch.Tensor:
-        key = (t.device, t.dtype if not A_t.is_complex() else A_t.dtype)
+        # the matrix follows the tensors' device and precision (a complex matrix stays complex)
+        target = _matching_dtype(A_t, t)
+        key = (t.device, target)
         if key not in cache:
-            target = A_t.dtype if A_t.is_complex() else t.real.dtype
             cache[key] = A_t.to(device=t.device, dtype=target)
         return cache[key]
 

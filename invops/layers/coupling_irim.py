@@ -45,8 +45,8 @@ class CouplingLayerIRIM(Chain):
     >>> import torch, invops
     >>> layer = invops.CouplingLayerIRIM(4, 8)
     >>> y, logdet = layer(torch.randn(1, 4, 8, 8))
-    >>> float(logdet)
-    0.0
+    >>> logdet.tolist()
+    [0.0]
     """
 
     def __init__(

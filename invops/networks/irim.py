@@ -44,6 +44,7 @@ class _UserLink(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, _, dpsi = inputs
         ctx.save_for_backward(x)
+        ctx.save_for_forward(x)  # forward mode (jvp, Jacobian) reads x too
         ctx.dpsi = dpsi
 
     @staticmethod
