@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from ..module import Chain, InvertibleModule
 from ._subnets import conv_kwargs, default_subnet
@@ -34,6 +37,9 @@ class ConditionalLayerGlow(Chain):
         Freeze the 1x1 convolution.
     scale : (float, float)
         Bounds of the sigmoid scale.
+    activation : callable, optional
+        Nonlinearity of the default conditioner (default SiLU; see
+        :func:`~invops.layers._subnets.default_subnet` for why not ReLU).
     logdet : bool
         Whether to report the log-determinant.
 
@@ -63,13 +69,16 @@ class ConditionalLayerGlow(Chain):
         ndim: int = 2,
         freeze_conv: bool = False,
         scale: tuple[float, float] = (0.5, 2.0),
+        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
         logdet: bool = True,
     ) -> None:
         if n_in < 2:
             raise ValueError(f"ConditionalLayerGlow: n_in must be >= 2, got {n_in}")
         n_first = (n_in + 1) // 2
         conv = conv_kwargs(k1, k2, p1, p2, s1, s2)
-        subnet = default_subnet(n_in - n_first, 2 * n_first, n_hidden, ndim, conv, n_cond=n_cond)
+        subnet = default_subnet(
+            n_in - n_first, 2 * n_first, n_hidden, ndim, conv, n_cond=n_cond, activation=activation
+        )
         coupling = Coupling(
             n_in,
             subnet,
@@ -105,6 +114,9 @@ class ConditionalLayerHINT(Chain):
         Spatial dimensions 1, 2, 3, or 0 for dense data.
     scale : (float, float)
         Bounds of the sigmoid scales.
+    activation : callable, optional
+        Nonlinearity of the default conditioner (default SiLU; see
+        :func:`~invops.layers._subnets.default_subnet` for why not ReLU).
     logdet : bool
         Whether to report the log-determinant.
 
@@ -146,6 +158,7 @@ class ConditionalLayerHINT(Chain):
         s2: int = 1,
         ndim: int = 2,
         scale: tuple[float, float] = (0.5, 2.0),
+        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
         logdet: bool = True,
     ) -> None:
         if n_in < 2 or n_cond < 2:
@@ -153,7 +166,7 @@ class ConditionalLayerHINT(Chain):
                 f"ConditionalLayerHINT: n_in and n_cond must be >= 2, got {n_in} and {n_cond}"
             )
         conv = conv_kwargs(k1, k2, p1, p2, s1, s2)
-        hint = dict(n_hidden=n_hidden, ndim=ndim, scale=scale, **conv)
+        hint = dict(n_hidden=n_hidden, ndim=ndim, scale=scale, activation=activation, **conv)
         x_lane = [Conv1x1(n_in)] if permute else []
         x_lane.append(CouplingLayerHINT(n_in, **hint))
         y_lane = [Conv1x1(n_cond)] if permute else []
@@ -161,7 +174,7 @@ class ConditionalLayerHINT(Chain):
         self_y_lane = Chain(*y_lane)
         coupling = Coupling(
             n_in,
-            default_subnet(n_cond, 2 * n_in, n_hidden, ndim, conv),
+            default_subnet(n_cond, 2 * n_in, n_hidden, ndim, conv, activation=activation),
             fixed="none",
             kind="affine",
             scale=scale,

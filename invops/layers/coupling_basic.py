@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..module import Block
@@ -30,6 +32,9 @@ class CouplingLayerBasic(Coupling):
         outputs 0).
     subnet : Block or torch.nn.Module, optional
         A custom conditioner from ``ceil(n_in/2)`` to ``2 * floor(n_in/2)`` channels.
+    activation : callable, optional
+        Nonlinearity of the default conditioner (default SiLU; see
+        :func:`~invops.layers._subnets.default_subnet` for why not ReLU).
     logdet : bool
         Whether to report the log-determinant.
 
@@ -61,6 +66,7 @@ class CouplingLayerBasic(Coupling):
         ndim: int = 2,
         scale: tuple[float, float] = (0.5, 2.0),
         subnet: Block | torch.nn.Module | None = None,
+        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
         logdet: bool = True,
     ) -> None:
         if n_in < 2:
@@ -68,7 +74,9 @@ class CouplingLayerBasic(Coupling):
         n_first = (n_in + 1) // 2
         if subnet is None:
             conv = conv_kwargs(k1, k2, p1, p2, s1, s2)
-            subnet = default_subnet(n_first, 2 * (n_in - n_first), n_hidden, ndim, conv)
+            subnet = default_subnet(
+                n_first, 2 * (n_in - n_first), n_hidden, ndim, conv, activation=activation
+            )
         super().__init__(
             n_in,
             as_block(subnet),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..module import Block, Chain
@@ -33,6 +35,9 @@ class CouplingLayerGlow(Chain):
         Bounds of the sigmoid scale.
     subnet : Block or torch.nn.Module, optional
         Custom conditioner from ``floor(n_in/2)`` to ``2 * ceil(n_in/2)`` channels.
+    activation : callable, optional
+        Nonlinearity of the default conditioner (default SiLU; see
+        :func:`~invops.layers._subnets.default_subnet` for why not ReLU).
     logdet : bool
         Whether to report the log-determinant.
 
@@ -67,6 +72,7 @@ class CouplingLayerGlow(Chain):
         n_reflections: int = 3,
         scale: tuple[float, float] = (0.5, 2.0),
         subnet: Block | torch.nn.Module | None = None,
+        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
         logdet: bool = True,
     ) -> None:
         if n_in < 2:
@@ -74,7 +80,9 @@ class CouplingLayerGlow(Chain):
         n_first = (n_in + 1) // 2
         if subnet is None:
             conv = conv_kwargs(k1, k2, p1, p2, s1, s2)
-            subnet = default_subnet(n_in - n_first, 2 * n_first, n_hidden, ndim, conv)
+            subnet = default_subnet(
+                n_in - n_first, 2 * n_first, n_hidden, ndim, conv, activation=activation
+            )
         conv1x1 = Conv1x1(n_in, n_reflections=n_reflections, freeze=freeze_conv)
         coupling = Coupling(
             n_in,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
+
 from ..module import Chain, Identity, Parallel
 from ._subnets import conv_kwargs, default_subnet
 from .conv1x1 import Conv1x1
@@ -34,6 +38,9 @@ class CouplingLayerHINT(Chain):
     recursion_threshold : int
         Blocks with more channels than this recurse into their halves (4, as in
         InvertibleNetworks.jl, in every rank).
+    activation : callable, optional
+        Nonlinearity of the default conditioner (default SiLU; see
+        :func:`~invops.layers._subnets.default_subnet` for why not ReLU).
     logdet : bool
         Whether to report the log-determinant.
 
@@ -73,6 +80,7 @@ class CouplingLayerHINT(Chain):
         ndim: int = 2,
         scale: tuple[float, float] = (0.5, 2.0),
         recursion_threshold: int = 4,
+        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
         logdet: bool = True,
     ) -> None:
         if n_in < 2:
@@ -92,13 +100,14 @@ class CouplingLayerHINT(Chain):
             ndim=ndim,
             scale=scale,
             recursion_threshold=recursion_threshold,
+            activation=activation,
         )
         n_a = (n_in + 1) // 2
         n_b = n_in - n_a
         conv = conv_kwargs(k1, k2, p1, p2, s1, s2)
         coupling = Coupling(
             n_in,
-            default_subnet(n_a, 2 * n_b, n_hidden, ndim, conv),
+            default_subnet(n_a, 2 * n_b, n_hidden, ndim, conv, activation=activation),
             n_first=n_a,
             fixed="first",
             kind="affine",

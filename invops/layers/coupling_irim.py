@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..module import Block, Chain
@@ -30,6 +32,9 @@ class CouplingLayerIRIM(Chain):
         Householder reflections of the 1x1 convolution.
     subnet : Block or torch.nn.Module, optional
         Custom conditioner from ``ceil(n_in/2)`` to ``floor(n_in/2)`` channels.
+    activation : callable, optional
+        Nonlinearity of the default conditioner (default SiLU; see
+        :func:`~invops.layers._subnets.default_subnet` for why not ReLU).
     logdet : bool
         Whether to report the log-determinant (always 0: the layer preserves volume).
 
@@ -62,6 +67,7 @@ class CouplingLayerIRIM(Chain):
         ndim: int = 2,
         n_reflections: int = 3,
         subnet: Block | torch.nn.Module | None = None,
+        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
         logdet: bool = True,
     ) -> None:
         if n_in < 2:
@@ -69,7 +75,9 @@ class CouplingLayerIRIM(Chain):
         n_first = (n_in + 1) // 2
         if subnet is None:
             conv = conv_kwargs(k1, k2, p1, p2, s1, s2)
-            subnet = default_subnet(n_first, n_in - n_first, n_hidden, ndim, conv)
+            subnet = default_subnet(
+                n_first, n_in - n_first, n_hidden, ndim, conv, activation=activation
+            )
         conv1x1 = Conv1x1(n_in, n_reflections=n_reflections)
         coupling = Coupling(
             n_in, as_block(subnet), n_first=n_first, fixed="first", kind="additive", ndim=ndim

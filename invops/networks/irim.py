@@ -182,6 +182,8 @@ class NetworkLoop(torch.nn.Module):
     k1, k2, p1, p2, s1, s2 : int
         Conditioner convolutions (defaults of InvertibleNetworks.jl: the first convolution
         downsamples by 4, so model sizes must be multiples of 4).
+    activation : callable, optional
+        Nonlinearity of the conditioners (default SiLU).
 
     Notes
     -----
@@ -235,6 +237,7 @@ class NetworkLoop(torch.nn.Module):
         p2: int = 1,
         s1: int = 4,
         s2: int = 1,
+        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if n_in < 2:
@@ -247,7 +250,7 @@ class NetworkLoop(torch.nn.Module):
             raise ValueError(f"NetworkLoop: ndim must be 1, 2 or 3, got {ndim}")
         self.n_in, self.maxiter, self.ndim, self.type = n_in, maxiter, ndim, type
         psi = link_function(link)
-        conv = dict(k1=k1, k2=k2, p1=p1, p2=p2, s1=s1, s2=s2)
+        conv = dict(k1=k1, k2=k2, p1=p1, p2=p2, s1=s1, s2=s2, activation=activation)
         steps: list[InvertibleModule] = []
         for _ in range(maxiter):
             steps.append(
