@@ -102,7 +102,7 @@ def lsqr_solve(op: pylops.LinearOperator, data: np.ndarray, damp: float, niter: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=4, help="unrolled i-RIM iterations")
     parser.add_argument("--hidden", type=int, default=32)

@@ -118,6 +118,45 @@ def functional_state(
     return state
 
 
+def forward_mode(
+    owner: torch.nn.Module,
+    math: torch.nn.Module,
+    prefix: str,
+    inputs: Sequence[torch.Tensor],
+    input_tangents: Sequence[torch.Tensor | None],
+    param_tangents: dict,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run ``math(*inputs)`` (which calls ``owner``'s math) in forward-mode AD.
+
+    Returns ``(primal, tangent)`` for each output. Uses ``torch.autograd.forward_ad`` (dual
+    tensors, ``owner``'s trainable parameters swapped in with ``functional_call``) rather than
+    ``torch.func.jvp``: the latter hands custom autograd Functions functorch-wrapped tangents
+    without storage, which physics operators working on numpy or cupy arrays cannot read.
+    Missing tangents are zero.
+    """
+    with fwAD.dual_level():
+        duals = {
+            p: fwAD.make_dual(
+                p.detach(),
+                param_tangents[p] if param_tangents.get(p) is not None else torch.zeros_like(p),
+            )
+            for p in owner.parameters()
+            if p.requires_grad
+        }
+        args = tuple(
+            t if d is None else fwAD.make_dual(t, d) for t, d in zip(inputs, input_tangents)
+        )
+        out = torch.func.functional_call(
+            math,
+            functional_state(owner, duals, prefix=prefix),
+            args,
+            strict=False,
+            tie_weights=False,
+        )
+        pairs = [fwAD.unpack_dual(o) for o in (out if isinstance(out, tuple) else (out,))]
+    return [(o, torch.zeros_like(o) if d is None else d) for o, d in pairs]
+
+
 def _differentiable_copy(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None:
         return None
@@ -245,37 +284,16 @@ class InvertibleModule(torch.nn.Module):
         dtheta: dict | None,
         inverse: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Forward mode; returns ``(y, dy, logdet, dlogdet)``.
-
-        Uses ``torch.autograd.forward_ad`` (dual tensors, parameters swapped in with
-        ``functional_call``) rather than ``torch.func.jvp``: the latter hands custom autograd
-        Functions functorch-wrapped tangents without storage, which physics operators working
-        on numpy or cupy arrays cannot read.
-        """
-        dtheta = dtheta or {}
-        dcond = dcond or (None,) * len(cond)
+        """Forward mode; returns ``(y, dy, logdet, dlogdet)`` (see :func:`forward_mode`)."""
         dx = torch.zeros_like(x) if dx is None else dx
-        with fwAD.dual_level():
-            duals = {
-                p: fwAD.make_dual(
-                    p.detach(), dtheta[p] if dtheta.get(p) is not None else torch.zeros_like(p)
-                )
-                for p in self.parameters()
-                if p.requires_grad
-            }
-            state = functional_state(self, duals, prefix="module.")
-            cond_d = tuple(c if d is None else fwAD.make_dual(c, d) for c, d in zip(cond, dcond))
-            y, logdet = torch.func.functional_call(
-                _Oriented(self, inverse),
-                state,
-                (fwAD.make_dual(x, dx), *cond_d),
-                strict=False,
-                tie_weights=False,
-            )
-            y, dy = fwAD.unpack_dual(y)
-            logdet, dlogdet = fwAD.unpack_dual(logdet)
-        dy = torch.zeros_like(y) if dy is None else dy
-        dlogdet = torch.zeros_like(logdet) if dlogdet is None else dlogdet
+        (y, dy), (logdet, dlogdet) = forward_mode(
+            self,
+            _Oriented(self, inverse),
+            "module.",
+            (x, *cond),
+            (dx, *(dcond or (None,) * len(cond))),
+            dtheta or {},
+        )
         return y, dy, logdet, dlogdet
 
     # ------------------------------------------------------------------ helpers
@@ -838,27 +856,16 @@ class Block(torch.nn.Module):
         dcond: Sequence | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         tangent = dict(zip(self.parameters(), dtheta)) if dtheta is not None else {}
-        dcond = dcond or (None,) * len(cond)
         dx = torch.zeros_like(x) if dx is None else dx
-        with fwAD.dual_level():
-            duals = {
-                p: fwAD.make_dual(
-                    p.detach(), tangent[p] if tangent.get(p) is not None else torch.zeros_like(p)
-                )
-                for p in self.parameters()
-                if p.requires_grad
-            }
-            state = functional_state(self, duals, prefix="block.")
-            cond_d = tuple(c if d is None else fwAD.make_dual(c, d) for c, d in zip(cond, dcond))
-            y = torch.func.functional_call(
-                _BlockMath(self),
-                state,
-                (fwAD.make_dual(x, dx), *cond_d),
-                strict=False,
-                tie_weights=False,
-            )
-            y, dy = fwAD.unpack_dual(y)
-        return y, torch.zeros_like(y) if dy is None else dy
+        ((y, dy),) = forward_mode(
+            self,
+            _BlockMath(self),
+            "block.",
+            (x, *cond),
+            (dx, *(dcond or (None,) * len(cond))),
+            tangent,
+        )
+        return y, dy
 
 
 class _BlockMath(torch.nn.Module):
