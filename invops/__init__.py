@@ -50,7 +50,14 @@ from .module import (
     is_plain_autograd,
     plain_autograd,
 )
-from .networks import NetworkLoop
+from .networks import (
+    NetworkGlow,
+    NetworkHyperbolic,
+    NetworkLoop,
+    NetworkMultiScaleHINT,
+    NetworkRevNet,
+    NetworkUNet,
+)
 from .objectives import (
     flow_nll,
     flow_nll_grad,
@@ -89,7 +96,12 @@ __all__ = [
     "JacobianOperator",
     "LeakyReLU",
     "MLPBlock",
+    "NetworkGlow",
+    "NetworkHyperbolic",
     "NetworkLoop",
+    "NetworkMultiScaleHINT",
+    "NetworkRevNet",
+    "NetworkUNet",
     "Parallel",
     "ReLU",
     "ResidualBlock",

@@ -492,3 +492,11 @@ def test_galu_block_backward_hand():
     s = torch.sigmoid(x2)
     ref = torch.cat([dy * s, dy * x1 * s * (1 - s)], dim=1)
     torch.testing.assert_close(invops.GaLU().backward(dy, x), ref)
+
+
+@module_params
+@pytest.mark.parametrize("wrt", ["input", "params", "both"])
+def test_float32_jacobian_dottest(name, wrt):
+    m = MODULES[name]()
+    x = sample(m, (2, 3, 4)).float()
+    assert dottest(m.jacobian(x, wrt=wrt), rtol=1e-4, n_trials=3)

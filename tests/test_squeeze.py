@@ -465,3 +465,12 @@ def test_checkers_take_shape_changing_layers_directly(kind):
     x = randn(2, 3, 4, 2)
     assert testing.check_invertible(m, x) <= 1e-12
     testing.check_against_autograd(m, x)
+
+
+@pytest.mark.parametrize("kind", FACTORIES)
+@pytest.mark.parametrize("d", (1, 2, 3))
+@pytest.mark.parametrize("wrt", ["input", "params", "both"])
+def test_float32_jacobian_dottest(kind, d, wrt):
+    m = FACTORIES[kind]()
+    x = randn(2, 3, *SPATIAL[d]).float()
+    assert testing.dottest(m.jacobian(x, wrt=wrt), rtol=1e-4, n_trials=3)
