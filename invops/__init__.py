@@ -51,12 +51,14 @@ from .module import (
     plain_autograd,
 )
 from .networks import (
+    NetworkConditionalGlow,
     NetworkGlow,
     NetworkHyperbolic,
     NetworkLoop,
     NetworkMultiScaleHINT,
     NetworkRevNet,
     NetworkUNet,
+    SummarizedNet,
 )
 from .objectives import (
     flow_nll,
@@ -96,6 +98,7 @@ __all__ = [
     "JacobianOperator",
     "LeakyReLU",
     "MLPBlock",
+    "NetworkConditionalGlow",
     "NetworkGlow",
     "NetworkHyperbolic",
     "NetworkLoop",
@@ -109,6 +112,7 @@ __all__ = [
     "Sigmoid",
     "Sigmoid2",
     "Squeeze",
+    "SummarizedNet",
     "TorchBlock",
     "cat",
     "exp_clamp",

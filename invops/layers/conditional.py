@@ -40,6 +40,10 @@ class ConditionalLayerGlow(Chain):
     activation : callable, optional
         Nonlinearity of the default conditioner (default SiLU; see
         :func:`~invops.layers._subnets.default_subnet` for why not ReLU).
+    cond_transform : InvertibleModule, optional
+        Applied to the condition before the conditioner sees it (its output then has
+        ``n_cond`` channels); trained with the layer. :class:`~invops.NetworkConditionalGlow`
+        uses it to normalise the condition and squeeze it to each scale's resolution.
     logdet : bool
         Whether to report the log-determinant.
 
@@ -70,6 +74,7 @@ class ConditionalLayerGlow(Chain):
         freeze_conv: bool = False,
         scale: tuple[float, float] = (0.5, 2.0),
         activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        cond_transform: InvertibleModule | None = None,
         logdet: bool = True,
     ) -> None:
         if n_in < 2:
@@ -87,6 +92,7 @@ class ConditionalLayerGlow(Chain):
             kind="affine",
             scale=scale,
             n_cond=1,
+            cond_transform=cond_transform,
             ndim=ndim,
         )
         super().__init__(Conv1x1(n_in, freeze=freeze_conv), coupling, logdet=logdet)

@@ -1,17 +1,21 @@
 """Invertible networks, one file per network."""
 
+from .conditional_glow import NetworkConditionalGlow
 from .glow import NetworkGlow
 from .hint import NetworkMultiScaleHINT
 from .hyperbolic import NetworkHyperbolic
 from .irim import NetworkLoop
 from .revnet import NetworkRevNet
+from .summarized import SummarizedNet
 from .unet import NetworkUNet
 
 __all__ = [
+    "NetworkConditionalGlow",
     "NetworkGlow",
     "NetworkHyperbolic",
     "NetworkLoop",
     "NetworkMultiScaleHINT",
     "NetworkRevNet",
     "NetworkUNet",
+    "SummarizedNet",
 ]
