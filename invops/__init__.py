@@ -52,6 +52,7 @@ from .module import (
 )
 from .networks import (
     NetworkConditionalGlow,
+    NetworkConditionalHINT,
     NetworkGlow,
     NetworkHyperbolic,
     NetworkLoop,
@@ -99,6 +100,7 @@ __all__ = [
     "LeakyReLU",
     "MLPBlock",
     "NetworkConditionalGlow",
+    "NetworkConditionalHINT",
     "NetworkGlow",
     "NetworkHyperbolic",
     "NetworkLoop",

@@ -1,6 +1,7 @@
 """Invertible networks, one file per network."""
 
 from .conditional_glow import NetworkConditionalGlow
+from .conditional_hint import NetworkConditionalHINT
 from .glow import NetworkGlow
 from .hint import NetworkMultiScaleHINT
 from .hyperbolic import NetworkHyperbolic
@@ -11,6 +12,7 @@ from .unet import NetworkUNet
 
 __all__ = [
     "NetworkConditionalGlow",
+    "NetworkConditionalHINT",
     "NetworkGlow",
     "NetworkHyperbolic",
     "NetworkLoop",
