@@ -2,6 +2,7 @@
 
 from .conditional_glow import NetworkConditionalGlow
 from .conditional_hint import NetworkConditionalHINT
+from .conditional_hint_multiscale import NetworkMultiScaleConditionalHINT
 from .glow import NetworkGlow
 from .hint import NetworkMultiScaleHINT
 from .hyperbolic import NetworkHyperbolic
@@ -16,6 +17,7 @@ __all__ = [
     "NetworkGlow",
     "NetworkHyperbolic",
     "NetworkLoop",
+    "NetworkMultiScaleConditionalHINT",
     "NetworkMultiScaleHINT",
     "NetworkRevNet",
     "NetworkUNet",
