@@ -508,7 +508,9 @@ def test_conditional_residual_block_matches_formula(ndim, kind, mode):
         extra = _CONV[ndim](c, crb.W0, stride=2, padding=1)
     else:
         c = randn(2, 3)
-        extra = (c @ crb.W0_dense.T).reshape(2, 4, *(1,) * ndim)
+        # a vector condition is a constant image of the input's size, convolved like one
+        constant = c.reshape(2, 3, *(1,) * ndim).expand(2, 3, *spatial)
+        extra = _CONV[ndim](constant, crb.W0, stride=2, padding=1)
     out_pad = tuple((n - 1) % 2 for n in spatial)  # k1=3, p1=1, s1=2
     expected = rb_formula(
         x, crb.W1, crb.W2, crb.W3, crb.b1, crb.b2, p1=1, s1=2, p2=1, s2=1,

@@ -236,7 +236,7 @@ def build_case(name, dtype=torch.float64):
 def _unused_ok(name: str) -> bool:
     # ConditionalResidualBlock holds a kernel for image conditions and a matrix for vector
     # conditions; only one of them is used for a given condition shape
-    return name.endswith(".W0") or name.endswith(".W0_dense")
+    return name.endswith(".W0")
 
 
 def _profile(counts: dict) -> str:

@@ -200,10 +200,12 @@ class ConditionalResidualBlock(ResidualBlock):
     Notes
     -----
     The condition :math:`c` enters the first pre-activation,
-    :math:`Y_1 = W_1 *_{s_1} X + b_1 + W_0 *_{s_1} c`. It is either an image with the input's
-    spatial size (``(B, n_cond, *spatial)``, :math:`W_0` a convolution like :math:`W_1`), or a
-    dense vector ``(B, n_cond)`` (:math:`W_0` a matrix whose output is broadcast over the hidden
-    grid). Unlike InvertibleNetworks.jl, nothing depends on the batch size.
+    :math:`Y_1 = W_1 *_{s_1} X + b_1 + W_0 *_{s_1} c`, with :math:`W_0` a convolution like
+    :math:`W_1`. It is either an image with the input's spatial size ``(B, n_cond, *spatial)``,
+    or a dense vector ``(B, n_cond)``, which is broadcast to a constant image of that size first.
+    One weight serves both, so no parameter is left unused (DistributedDataParallel requires
+    that without ``find_unused_parameters``). Unlike InvertibleNetworks.jl, nothing depends on
+    the batch size.
 
     Examples
     --------
@@ -220,13 +222,13 @@ class ConditionalResidualBlock(ResidualBlock):
         self.n_cond = n_cond
         k = self.k1**self.ndim
         self.W0 = _glorot((n_hidden, n_cond, *(self.k1,) * self.ndim), n_cond * k, n_hidden * k)
-        self.W0_dense = _glorot((n_hidden, n_cond), n_cond, n_hidden)
 
     def _forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         owner = "ConditionalResidualBlock"
         _check_input(x, self.n_in, self.ndim, owner)
         if c.ndim == 2 and c.shape[1] == self.n_cond and c.shape[0] == x.shape[0]:
-            extra = (c @ self.W0_dense.T).reshape(*c.shape[:1], -1, *([1] * self.ndim))
+            image = c.reshape(*c.shape, *([1] * self.ndim)).expand(*c.shape, *x.shape[2:])
+            extra = _CONV[self.ndim](image, self.W0, stride=self.s1, padding=self.p1)
         elif (
             c.ndim == x.ndim
             and c.shape[:2] == (x.shape[0], self.n_cond)

@@ -120,6 +120,10 @@ class HyperbolicLayer(Chain):
             raise ValueError(f"HyperbolicLayer: action must be one of {_ACTIONS}, got {action!r}")
         if ndim not in (1, 2, 3):
             raise ValueError(f"HyperbolicLayer: ndim must be 1, 2 or 3, got {ndim}")
+        if n_in < 1 or n_hidden < 1:
+            raise ValueError(
+                f"HyperbolicLayer: n_in and n_hidden must be >= 1, got {n_in} and {n_hidden}"
+            )
         factor = 2**ndim
         if action == "unsqueeze" and n_in % factor:
             raise ValueError(

@@ -62,7 +62,9 @@ def multiscale(
     return level(n_in, 0)
 
 
-def check_multiscale_input(x, n_in: int, n_levels: int, ndim: int, owner: str, name: str) -> None:
+def check_multiscale_input(
+    x, n_in: int, n_levels: int, ndim: int, owner: str, name: str, label: str = "L"
+) -> None:
     """Rank, channels, and spatial sizes divisible by ``2**n_levels``, with clear messages."""
     if x.ndim != ndim + 2:
         layout = "(B, C)" if ndim == 0 else f"(B, C, {', '.join('*' * ndim)})"
@@ -74,6 +76,7 @@ def check_multiscale_input(x, n_in: int, n_levels: int, ndim: int, owner: str, n
     factor = 2**n_levels
     if ndim > 0 and any(n % factor for n in x.shape[2:]):
         raise ValueError(
-            f"{owner}: with L={n_levels} scales every spatial size must be a multiple of "
-            f"2**L = {factor}, got spatial shape {tuple(x.shape[2:])}"
+            f"{owner}: with {label}={n_levels} {'scales' if label == 'L' else 'halvings'} "
+            f"every spatial size must be a multiple of "
+            f"2**{label} = {factor}, got spatial shape {tuple(x.shape[2:])}"
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -136,17 +136,25 @@ class NetworkConditionalGlow(Chain):
         if tuple(c.shape) != expected:
             raise ValueError(f"{owner}: cond[0] must have shape {expected}, got {tuple(c.shape)}")
 
-    def sample(self, c: torch.Tensor, n: int = 1) -> torch.Tensor:
-        """``n`` samples of :math:`x` given each condition in the batch ``c``: ``(n, B, ...)``."""
+    def sample(
+        self, c: torch.Tensor, n: int = 1, shape: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """``n`` samples of :math:`x` for each condition in the batch ``c``: ``(n, B, *x_shape)``.
+
+        ``shape`` is the shape of one sample ``(n_in, *spatial)``; it is taken from ``c`` for
+        image conditions and must be given for vector conditions on spatial data.
+        """
+        if shape is None:
+            if self.dense_condition and self.ndim > 0:
+                raise ValueError(
+                    "NetworkConditionalGlow.sample: with a vector condition give "
+                    "shape=(n_in, *spatial)"
+                )
+            shape = (self.n_in, *c.shape[2:])
         ref = next(self.parameters())
-        shape = (
-            c.shape[0],
-            self.n_in,
-            *(() if self.dense_condition and self.ndim == 0 else c.shape[2:]),
-        )
         with torch.no_grad():
             draws = [
-                self.inverse(torch.randn(shape, dtype=ref.dtype, device=ref.device), c)
+                self.inverse(torch.randn(c.shape[0], *shape, dtype=ref.dtype, device=ref.device), c)
                 for _ in range(n)
             ]
         return torch.stack([d[0] if self.logdet else d for d in draws])

@@ -88,3 +88,11 @@ class NetworkHyperbolic(Chain):
             channels = layer.n_out
         super().__init__(*layers, logdet=logdet)
         self.n_in, self.n_out, self.ndim = n_in, channels, ndim
+
+    def _validate(self, x, cond, inverse):
+        # each layer's squeeze action constrains the shape it meets: follow the shape through
+        # the stack on the meta device (no data, no compute)
+        probe = torch.empty(x.shape, dtype=x.dtype, device="meta")
+        for layer in reversed(self.layers) if inverse else self.layers:
+            layer._validate(probe, (), inverse)
+            probe = (layer._inverse if inverse else layer._forward)(probe)[0]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ..layers.blocks import MLPBlock, ResidualBlock
 from ..layers.coupling_additive import AdditiveCoupling
 from ..module import Block, Chain, InvertibleModule
-from ._multiscale import squeezer
+from ._multiscale import check_multiscale_input, squeezer
 
 __all__ = ["NetworkRevNet"]
 
@@ -85,6 +85,25 @@ class NetworkRevNet(Chain):
                 )
         super().__init__(*layers, logdet=logdet)
         self.n_in, self.n_out, self.ndim = n_in, c, ndim
+        self.n_downsamplings = len(blocks) - 1 if ndim > 0 else 0
+
+    def _validate(self, x, cond, inverse):
+        if inverse:  # the output: n_out channels at the reduced spatial size
+            if x.ndim != self.ndim + 2 or x.shape[1] != self.n_out:
+                raise ValueError(
+                    f"NetworkRevNet: y must have {self.n_out} channels and {self.ndim} spatial "
+                    f"dimensions, got shape {tuple(x.shape)}"
+                )
+            return
+        check_multiscale_input(
+            x,
+            self.n_in,
+            self.n_downsamplings,
+            self.ndim,
+            "NetworkRevNet",
+            "x",
+            label="(stages - 1)",
+        )
 
 
 def _residual(n_in: int, n_out: int, n_hidden: int, ndim: int, act) -> Block:

@@ -100,5 +100,11 @@ class NetworkUNet(Chain):
 
     def _validate(self, x, cond, inverse):
         check_multiscale_input(
-            x, self.n_in, self.levels - 1, self.ndim, "NetworkUNet", "y" if inverse else "x"
+            x,
+            self.n_in,
+            self.levels - 1,
+            self.ndim,
+            "NetworkUNet",
+            "y" if inverse else "x",
+            label="(levels - 1)",
         )
