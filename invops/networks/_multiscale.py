@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+import torch
 
 from ..module import Chain, Identity, InvertibleModule, Parallel
 from ..squeeze import HaarSqueeze, Squeeze
 
-__all__ = ["multiscale", "squeezer", "check_multiscale_input"]
+__all__ = ["multiscale", "squeezer", "check_multiscale_input", "sample_flow"]
 
 _SQUEEZES = ("checkerboard", "patch", "haar")
 
@@ -80,3 +82,14 @@ def check_multiscale_input(
             f"every spatial size must be a multiple of "
             f"2**{label} = {factor}, got spatial shape {tuple(x.shape[2:])}"
         )
+
+
+def sample_flow(net: InvertibleModule, n: int, shape: Sequence[int] | None) -> torch.Tensor:
+    """``n`` samples ``inverse(z)`` of a flow whose latent ``z ~ N(0, I)`` has shape ``shape``."""
+    if shape is None:
+        raise ValueError(f"{type(net).__name__}.sample: give shape=(C, *spatial) or sample_shape")
+    ref = next(net.parameters())
+    z = torch.randn(n, *shape, dtype=ref.dtype, device=ref.device)
+    with torch.no_grad():
+        out = net.inverse(z)
+    return out[0] if net.logdet else out

@@ -9,7 +9,7 @@ import torch
 from ..layers.actnorm import ActNorm
 from ..layers.coupling_glow import CouplingLayerGlow
 from ..module import Chain, InvertibleModule
-from ._multiscale import check_multiscale_input, multiscale
+from ._multiscale import check_multiscale_input, multiscale, sample_flow
 
 __all__ = ["NetworkGlow"]
 
@@ -133,10 +133,4 @@ class NetworkGlow(Chain):
 
     def sample(self, n: int, shape: Sequence[int] | None = None) -> torch.Tensor:
         """Draw ``n`` samples: ``inverse(z)`` with ``z ~ N(0, I)`` of shape ``(n, *shape)``."""
-        shape = shape or self.sample_shape
-        if shape is None:
-            raise ValueError("NetworkGlow.sample: give shape=(C, *spatial) or sample_shape")
-        ref = next(self.parameters())
-        z = torch.randn(n, *shape, dtype=ref.dtype, device=ref.device)
-        with torch.no_grad():
-            return self.inverse(z)[0] if self.logdet else self.inverse(z)
+        return sample_flow(self, n, shape or self.sample_shape)

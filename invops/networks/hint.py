@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..layers.actnorm import ActNorm
 from ..layers.coupling_hint import CouplingLayerHINT
 from ..module import Chain, InvertibleModule
-from ._multiscale import check_multiscale_input, multiscale
+from ._multiscale import check_multiscale_input, multiscale, sample_flow
 
 __all__ = ["NetworkMultiScaleHINT"]
 
@@ -34,6 +34,8 @@ class NetworkMultiScaleHINT(Chain):
         Conditioner convolutions.
     activation : callable, optional
         Conditioner nonlinearity (default SiLU).
+    sample_shape : sequence of int, optional
+        Shape of one sample ``(C, *spatial)`` used by :meth:`sample` when none is given.
 
     Notes
     -----
@@ -69,6 +71,7 @@ class NetworkMultiScaleHINT(Chain):
         s1: int = 1,
         s2: int = 1,
         activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        sample_shape: Sequence[int] | None = None,
     ) -> None:
         if L < 1 or K < 1:
             raise ValueError(f"NetworkMultiScaleHINT: L and K must be >= 1, got L={L}, K={K}")
@@ -96,8 +99,13 @@ class NetworkMultiScaleHINT(Chain):
         super().__init__(*net.layers, logdet=logdet)
         self.n_in, self.L, self.K, self.ndim = n_in, L, K, ndim
         self.split_scales, self.squeeze = split_scales, squeeze
+        self.sample_shape = None if sample_shape is None else tuple(sample_shape)
 
     def _validate(self, x, cond, inverse):
         check_multiscale_input(
             x, self.n_in, self.L, self.ndim, "NetworkMultiScaleHINT", "z" if inverse else "x"
         )
+
+    def sample(self, n: int, shape: Sequence[int] | None = None) -> torch.Tensor:
+        """Draw ``n`` samples: ``inverse(z)`` with ``z ~ N(0, I)`` of shape ``(n, *shape)``."""
+        return sample_flow(self, n, shape or self.sample_shape)
