@@ -821,3 +821,98 @@ def test_glow_training_memory_is_flat_in_depth():
     assert peaks[8] <= 1.1 * peaks[2] + (params[8] - params[2]), (peaks, params)
     assert plain[8] > 2 * plain[2], plain
     assert peaks[8] < plain[8] / 3, (peaks, plain)
+
+
+_COND_LOADER = """
+import sys
+import numpy as np
+import pylops
+import torch
+import invops
+
+torch.set_num_threads(1)
+bad = []
+for blob in torch.load(sys.argv[1]):
+    name, args, kwargs = blob["spec"]
+    net = getattr(invops, name)(*args, **kwargs).double()
+    net.load_state_dict(blob["state"])
+    with torch.no_grad():
+        if name == "NetworkLoop":
+            op = pylops.MatrixMult(blob["A"].numpy())
+            out = net(*blob["inputs"], invops.operators.as_operator(op, model_shape=(4, 4)))
+        else:
+            out = net(*blob["inputs"])
+    if not all(torch.equal(a, b) for a, b in zip(out, blob["out"])):
+        bad.append(name)
+print("mismatch:", bad)
+sys.exit(1 if bad else 0)
+"""
+
+
+def test_conditional_networks_round_trip_in_a_new_process(tmp_path):
+    """The same for conditional networks and the i-RIM loop (condition and operator rebuilt)."""
+    import numpy as np
+    import pylops
+
+    gen = torch.Generator().manual_seed(5)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    specs = [
+        (
+            ("NetworkConditionalGlow", (1, 2, 3, 2, 1), dict(split_scales=True)),
+            (4, 1, 4, 4),
+            (4, 2, 4, 4),
+        ),
+        (("NetworkConditionalHINT", (3, 2, 3, 2), dict(ndim=0)), (4, 3), (4, 2)),
+        (
+            ("NetworkMultiScaleConditionalHINT", (1, 1, 3, 2, 1), dict(split_scales=True)),
+            (4, 1, 4, 4),
+            (4, 1, 4, 4),
+        ),
+    ]
+    blobs = []
+    for (name, args, kwargs), xs, cs in specs:
+        net = getattr(invops, name)(*args, **kwargs).double()
+        x, c = rnd(*xs), rnd(*cs)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        for _ in range(2):
+            opt.zero_grad()
+            z, logdet = net(x, c)
+            (0.5 * (z**2).sum() - logdet.sum()).backward()
+            opt.step()
+        with torch.no_grad():
+            out = net(x, c)
+        blobs.append(
+            dict(spec=(name, args, kwargs), state=net.state_dict(), inputs=(x, c), out=out)
+        )
+    A = rnd(10, 16)
+    loop = invops.NetworkLoop(3, 3, maxiter=2).double()
+    op = invops.operators.as_operator(pylops.MatrixMult(A.numpy()), model_shape=(4, 4))
+    eta, s, d = rnd(2, 1, 4, 4), rnd(2, 2, 4, 4), rnd(2, 10)
+    loop(eta, s, d, op)
+    with torch.no_grad():
+        out = loop(eta, s, d, op)
+    assert np.isfinite(out[0].numpy()).all()
+    blobs.append(
+        dict(
+            spec=("NetworkLoop", (3, 3, 2), {}),
+            state=loop.state_dict(),
+            inputs=(eta, s, d),
+            out=out,
+            A=A,
+        )
+    )
+    path = tmp_path / "conditional.pt"
+    torch.save(blobs, path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(
+        [sys.executable, "-c", _COND_LOADER, str(path)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
