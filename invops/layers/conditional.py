@@ -13,7 +13,7 @@ from .conv1x1 import Conv1x1
 from .coupling import Coupling
 from .coupling_hint import CouplingLayerHINT
 
-__all__ = ["ConditionalLayerGlow", "ConditionalLayerHINT"]
+__all__ = ["ConditionalLayerGlow", "ConditionalLayerHINT", "ConditionLane"]
 
 
 class ConditionalLayerGlow(Chain):
@@ -101,7 +101,20 @@ class ConditionalLayerGlow(Chain):
         self.layers[1]._validate(x, cond, inverse)
 
 
-class ConditionalLayerHINT(Chain):
+class ConditionLane:
+    """``forward_y`` / ``inverse_y`` for modules whose condition has its own invertible lane,
+    available as ``self.y_lane``."""
+
+    def forward_y(self, y: Any):
+        """Apply the condition lane: ``z_y, logdet_y``."""
+        return self.y_lane(y)
+
+    def inverse_y(self, zy: Any):
+        """Invert the condition lane: ``y, logdet_inv_y``."""
+        return self.y_lane.inverse(zy)
+
+
+class ConditionalLayerHINT(ConditionLane, Chain):
     r"""Conditional HINT step of Kruse et al.: an input lane :math:`x`, a condition lane :math:`y`.
 
     Parameters
@@ -206,11 +219,3 @@ class ConditionalLayerHINT(Chain):
                 f"(the input's batch and spatial size, {self.n_cond_channels} channels), "
                 f"got {tuple(y.shape)}"
             )
-
-    def forward_y(self, y: Any):
-        """Apply the condition lane: ``z_y, logdet_y``."""
-        return self.y_lane(y)
-
-    def inverse_y(self, zy: Any):
-        """Invert the condition lane: ``y, logdet_inv_y``."""
-        return self.y_lane.inverse(zy)

@@ -9,7 +9,7 @@ import torch
 from ..module import Chain, Identity, InvertibleModule, Parallel
 from ..squeeze import HaarSqueeze, Squeeze
 
-__all__ = ["multiscale", "squeezer", "check_multiscale_input", "sample_flow"]
+__all__ = ["multiscale", "squeezer", "check_scale_args", "check_multiscale_input", "sample_flow"]
 
 _SQUEEZES = ("checkerboard", "patch", "haar")
 
@@ -21,6 +21,14 @@ def squeezer(kind: str) -> InvertibleModule:
     return HaarSqueeze() if kind == "haar" else Squeeze(pattern=kind)
 
 
+def check_scale_args(owner: str, L: int, K: int, ndim: int) -> None:
+    """Constructor checks shared by the multiscale networks."""
+    if L < 1 or K < 1:
+        raise ValueError(f"{owner}: L and K must be >= 1, got L={L}, K={K}")
+    if ndim not in (0, 1, 2, 3):
+        raise ValueError(f"{owner}: ndim must be 0, 1, 2 or 3, got {ndim}")
+
+
 def multiscale(
     n_in: int,
     n_levels: int,
@@ -29,6 +37,8 @@ def multiscale(
     squeeze: str,
     split: bool,
     logdet: bool = True,
+    owner: str = "network",
+    needs: str = "couplings need",
 ) -> Chain:
     r"""Build ``n_levels`` scales as one invertible Chain whose output has the input's shape.
 
@@ -40,7 +50,8 @@ def multiscale(
     with :math:`Q` the squeeze (``ndim > 0``; channels :math:`\times 2^{d}`), :math:`S_i` the
     level's steps (``steps(channels, i)``), :math:`\ell_{i+1}\,\|\,\mathrm{Id}` the next level on
     the first ``ceil(c'/2)`` channels with the rest factored out unchanged (``split=True``), or
-    the next level on all channels (``split=False``), and :math:`U = Q^{-1}` the unsqueeze. The
+    the next level on all channels (``split=False``), and :math:`U = Q^{-1}` the unsqueeze. A
+    scale left with fewer than 2 channels raises ``ValueError`` naming ``owner``. The
     latent therefore has the input's shape: each level's factored-out channels sit where the
     unsqueeze puts them, and the inverse needs no shapes stored by an earlier forward.
     """
@@ -50,6 +61,11 @@ def multiscale(
         if ndim > 0:
             layers.append(squeezer(squeeze))
             c *= 2**ndim
+        if c < 2:
+            raise ValueError(
+                f"{owner}: scale {i} would have {c} channel(s); {needs} 2 "
+                "(use fewer scales or split_scales=False)"
+            )
         layers += steps(c, i)
         if i + 1 < n_levels:
             if split:

@@ -9,7 +9,7 @@ import torch
 from ..layers.actnorm import ActNorm
 from ..layers.conditional import ConditionalLayerGlow
 from ..module import Chain, InvertibleModule
-from ._multiscale import check_multiscale_input, multiscale, squeezer
+from ._multiscale import check_multiscale_input, check_scale_args, multiscale, squeezer
 
 __all__ = ["NetworkConditionalGlow"]
 
@@ -81,10 +81,7 @@ class NetworkConditionalGlow(Chain):
         s2: int = 1,
         activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
-        if L < 1 or K < 1:
-            raise ValueError(f"NetworkConditionalGlow: L and K must be >= 1, got L={L}, K={K}")
-        if ndim not in (0, 1, 2, 3):
-            raise ValueError(f"NetworkConditionalGlow: ndim must be 0, 1, 2 or 3, got {ndim}")
+        check_scale_args("NetworkConditionalGlow", L, K, ndim)
         if n_cond < 1:
             raise ValueError(f"NetworkConditionalGlow: n_cond must be >= 1, got {n_cond}")
         dense_condition = dense_condition or ndim == 0
@@ -92,11 +89,6 @@ class NetworkConditionalGlow(Chain):
         conv = dict(k1=k1, k2=k2, p1=p1, p2=p2, s1=s1, s2=s2)
 
         def steps(c: int, level: int) -> list[InvertibleModule]:
-            if c < 2:
-                raise ValueError(
-                    f"NetworkConditionalGlow: scale {level} would have {c} channel(s); "
-                    "couplings need 2 (use fewer scales or split_scales=False)"
-                )
             if dense_condition:
                 transform, channels = cond_norm, n_cond
             else:
@@ -118,7 +110,17 @@ class NetworkConditionalGlow(Chain):
                 )
             return out
 
-        net = multiscale(n_in, L, steps, ndim, squeeze, split_scales, logdet=logdet)
+        net = multiscale(
+            n_in,
+            L,
+            steps,
+            ndim,
+            squeeze,
+            split_scales,
+            logdet=logdet,
+            owner="NetworkConditionalGlow",
+            needs="couplings need",
+        )
         super().__init__(*net.layers, logdet=logdet)
         self.n_in, self.n_cond_channels, self.L, self.K, self.ndim = n_in, n_cond, L, K, ndim
         self.split_scales, self.dense_condition = split_scales, dense_condition

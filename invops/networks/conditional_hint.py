@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from ..layers._subnets import conv_kwargs, default_subnet
 from ..layers.actnorm import ActNorm
+from ..layers.conditional import ConditionLane
 from ..layers.conv1x1 import Conv1x1
 from ..layers.coupling import Coupling
 from ..layers.coupling_hint import CouplingLayerHINT
@@ -17,7 +17,7 @@ from ..module import Chain, Grads, InvertibleModule, add_grads
 __all__ = ["NetworkConditionalHINT"]
 
 
-class NetworkConditionalHINT(InvertibleModule):
+class NetworkConditionalHINT(ConditionLane, InvertibleModule):
     r"""Conditional HINT of Kruse et al. for amortised posterior sampling.
 
     Parameters
@@ -138,15 +138,6 @@ class NetworkConditionalHINT(InvertibleModule):
                 f"{owner}: cond[0] (the observation y) must have shape {expected}, "
                 f"got {tuple(y.shape)}"
             )
-
-    # -- the lanes
-    def forward_y(self, y: Any):
-        """The condition lane: ``z_y, logdet_y``."""
-        return self.y_lane(y)
-
-    def inverse_y(self, zy: Any):
-        """Invert the condition lane: ``y, logdet_inv_y``."""
-        return self.y_lane.inverse(zy)
 
     # -- the conditional map x -> z_x given y
     def _forward(self, x, y):

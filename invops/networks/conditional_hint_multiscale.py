@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from ..layers._subnets import conv_kwargs, default_subnet
 from ..layers.actnorm import ActNorm
+from ..layers.conditional import ConditionLane
 from ..layers.conv1x1 import Conv1x1
 from ..layers.coupling import Coupling
 from ..layers.coupling_hint import CouplingLayerHINT
 from ..module import Chain, Grads, Identity, InvertibleModule, Parallel, add_grads
-from ._multiscale import check_multiscale_input, squeezer
+from ._multiscale import check_multiscale_input, check_scale_args, squeezer
 
 __all__ = ["NetworkMultiScaleConditionalHINT"]
 
@@ -143,7 +143,7 @@ class _Level(InvertibleModule):
         return self._up(x), self._up(dx), (self._up(dy),), grads
 
 
-class NetworkMultiScaleConditionalHINT(InvertibleModule):
+class NetworkMultiScaleConditionalHINT(ConditionLane, InvertibleModule):
     r"""Multiscale conditional HINT: :math:`x` given :math:`y`, both squeezed and split per scale.
 
     Parameters
@@ -213,10 +213,7 @@ class NetworkMultiScaleConditionalHINT(InvertibleModule):
     ) -> None:
         super().__init__(logdet=logdet)
         owner = "NetworkMultiScaleConditionalHINT"
-        if L < 1 or K < 1:
-            raise ValueError(f"{owner}: L and K must be >= 1, got L={L}, K={K}")
-        if ndim not in (0, 1, 2, 3):
-            raise ValueError(f"{owner}: ndim must be 0, 1, 2 or 3, got {ndim}")
+        check_scale_args(owner, L, K, ndim)
         conv = conv_kwargs(k1, k2, p1, p2, s1, s2)
         hint = dict(n_hidden=n_hidden, ndim=ndim, activation=activation, **conv)
 
@@ -265,14 +262,6 @@ class NetworkMultiScaleConditionalHINT(InvertibleModule):
                 f"{owner}: cond[0] (the observation y) must have shape {expected}, "
                 f"got {tuple(y.shape)}"
             )
-
-    def forward_y(self, y: Any):
-        """The condition lane: ``z_y, logdet_y``."""
-        return self.y_lane(y)
-
-    def inverse_y(self, zy: Any):
-        """Invert the condition lane: ``y, logdet_inv_y``."""
-        return self.y_lane.inverse(zy)
 
     def _forward(self, x, y):
         return self.top._forward(x, y)

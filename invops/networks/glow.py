@@ -9,7 +9,7 @@ import torch
 from ..layers.actnorm import ActNorm
 from ..layers.coupling_glow import CouplingLayerGlow
 from ..module import Chain, InvertibleModule
-from ._multiscale import check_multiscale_input, multiscale, sample_flow
+from ._multiscale import check_multiscale_input, check_scale_args, multiscale, sample_flow
 
 __all__ = ["NetworkGlow"]
 
@@ -87,18 +87,10 @@ class NetworkGlow(Chain):
         activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
         sample_shape: Sequence[int] | None = None,
     ) -> None:
-        if L < 1 or K < 1:
-            raise ValueError(f"NetworkGlow: L and K must be >= 1, got L={L}, K={K}")
-        if ndim not in (0, 1, 2, 3):
-            raise ValueError(f"NetworkGlow: ndim must be 0, 1, 2 or 3, got {ndim}")
+        check_scale_args("NetworkGlow", L, K, ndim)
         conv = dict(k1=k1, k2=k2, p1=p1, p2=p2, s1=s1, s2=s2)
 
         def steps(c: int, level: int) -> list[InvertibleModule]:
-            if c < 2:
-                raise ValueError(
-                    f"NetworkGlow: scale {level} would have {c} channel(s); couplings need 2 "
-                    "(use fewer scales or split_scales=False)"
-                )
             out: list[InvertibleModule] = []
             for _ in range(K):
                 out.append(ActNorm(c))
@@ -114,7 +106,17 @@ class NetworkGlow(Chain):
                 )
             return out
 
-        net = multiscale(n_in, L, steps, ndim, squeeze, split_scales, logdet=logdet)
+        net = multiscale(
+            n_in,
+            L,
+            steps,
+            ndim,
+            squeeze,
+            split_scales,
+            logdet=logdet,
+            owner="NetworkGlow",
+            needs="couplings need",
+        )
         super().__init__(*net.layers, logdet=logdet)
         self.n_in, self.L, self.K, self.ndim = n_in, L, K, ndim
         self.split_scales, self.squeeze = split_scales, squeeze
