@@ -45,3 +45,20 @@ def test_posterior_linear_gaussian(tmp_path):
     # the learned posterior is far closer to the exact one than the prior is
     assert results["HINT_kl"] < 0.1 * results["prior_kl"], results
     assert results["HINT_mean_err"] < 0.5 * results["prior_mean_err"], results
+
+
+def test_inpainting_conditional_glow(tmp_path):
+    example = load_example("inpainting_conditional_glow")
+    out = tmp_path / "figs" / "inpainting.png"
+    argv = ["--steps", "60", "--batch", "32", "--K", "2", "--hidden", "16", "--test", "8"]
+    results = example.main([*argv, "--samples", "8", "--out", str(out)])
+    assert out.is_file() and out.stat().st_size > 10_000
+    for key in ("nll_after", "rmse_glow", "rmse_exact", "coverage_glow"):
+        assert math.isfinite(results[key]), (key, results)
+    # training lowers the held-out conditional NLL and the training loss
+    assert results["nll_after"] < results["nll_before"] - 0.3, results
+    assert results["train_loss_last"] < results["train_loss_first"] - 0.2, results
+    # no flow beats the exact Gaussian posterior (a wrong log-Jacobian could), and the exact
+    # posterior mean beats filling the hole with the mean of the observed pixels
+    assert results["nll_after"] > results["nll_exact"] - 0.05, results
+    assert results["rmse_exact"] < results["rmse_observed_mean"], results
