@@ -12,9 +12,170 @@ from ..layers.conditional import ConditionLane
 from ..layers.conv1x1 import Conv1x1
 from ..layers.coupling import Coupling
 from ..layers.coupling_hint import CouplingLayerHINT
-from ..module import Chain, Grads, InvertibleModule, add_grads
+from ..module import Chain, Grads, Identity, InvertibleModule, Parallel, add_grads
+from ._multiscale import squeezer
 
-__all__ = ["NetworkConditionalHINT"]
+__all__ = ["NetworkConditionalHINT", "TwoLane", "conditional_hint_steps"]
+
+
+def conditional_hint_steps(
+    cx: int,
+    cy: int,
+    count: int,
+    n_hidden: int,
+    ndim: int,
+    conv: dict,
+    activation: Callable[[torch.Tensor], torch.Tensor] | None,
+    permute: bool,
+) -> tuple[list[InvertibleModule], list[InvertibleModule]]:
+    """``count`` conditional HINT steps: input-lane chains (ending in a coupling conditioned on
+    the condition lane) and condition-lane chains, on ``cx`` and ``cy`` channels."""
+    hint = dict(n_hidden=n_hidden, ndim=ndim, activation=activation, **conv)
+
+    def lane(c: int) -> list[InvertibleModule]:
+        return [ActNorm(c), *([Conv1x1(c)] if permute else []), CouplingLayerHINT(c, **hint)]
+
+    x_steps, y_steps = [], []
+    for _ in range(count):
+        y_steps.append(Chain(*lane(cy)))
+        couple = Coupling(
+            cx,
+            default_subnet(cy, 2 * cx, n_hidden, ndim, conv, activation=activation),
+            fixed="none",
+            kind="affine",
+            n_cond=1,
+            ndim=ndim,
+        )
+        x_steps.append(Chain(*lane(cx), couple))
+    return x_steps, y_steps
+
+
+def _parts(t: torch.Tensor, split: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The channels handed to the next scale and those kept here (none without a split)."""
+    keep = (t.shape[1] + 1) // 2 if split else t.shape[1]
+    return t[:, :keep], t[:, keep:]
+
+
+class TwoLane(InvertibleModule):
+    """Steps on two lanes, x given y, optionally squeezed and with a deeper scale nested inside.
+
+    Each step updates the condition lane, then the input lane conditioned on it. The reverse
+    passes recover the condition lane by inversion; see :class:`NetworkConditionalHINT`.
+    """
+
+    n_cond = 1
+
+    def __init__(self, x_steps, y_steps, deeper=None, squeeze=None, split=False, logdet=True):
+        super().__init__(logdet=logdet)
+        self.split = split
+        self.x_steps = torch.nn.ModuleList(x_steps)
+        self.y_steps = torch.nn.ModuleList(y_steps)
+        self.deeper = deeper
+        self.q = None if squeeze is None else squeezer(squeeze)
+
+    # orthogonal squeezes: a cotangent goes through them with the same maps
+    def _down(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.q is None else self.q._forward(t)[0]
+
+    def _up(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.q is None else self.q._inverse(t)[0]
+
+    def y_chain(self) -> Chain:
+        """This scale's condition lane as an invertible module."""
+        layers: list[InvertibleModule] = [] if self.q is None else [self.q]
+        layers += list(self.y_steps)
+        if self.deeper is not None:
+            c = self.y_steps[0].layers[0].n_channels
+            if self.split:
+                keep = (c + 1) // 2
+                layers.append(Parallel(self.deeper.y_chain(), Identity(), sizes=(keep, c - keep)))
+            else:
+                layers.append(self.deeper.y_chain())
+        if self.q is not None:
+            layers.append(self.q.reverse())
+        return Chain(*layers, logdet=self.logdet)
+
+    def _y_end(self, y: torch.Tensor) -> torch.Tensor:
+        y = self._down(y)
+        for y_step in self.y_steps:
+            y, _ = y_step._forward(y)
+        return y
+
+    def _forward(self, x, y):
+        x, y = self._down(x), self._down(y)
+        total = x.new_zeros(x.shape[0])
+        for x_step, y_step in zip(self.x_steps, self.y_steps):
+            y, _ = y_step._forward(y)
+            x, logdet = x_step._forward(x, y)
+            total = total + logdet
+        if self.deeper is not None:
+            (xa, xb), (ya, _) = _parts(x, self.split), _parts(y, self.split)
+            xa, logdet = self.deeper._forward(xa, ya)
+            x, total = torch.cat((xa, xb), 1), total + logdet
+        return self._up(x), total
+
+    def _inverse(self, z, y):
+        y = self._y_end(y)
+        z = self._down(z)
+        total = z.new_zeros(z.shape[0])
+        if self.deeper is not None:
+            (za, zb), (ya, _) = _parts(z, self.split), _parts(y, self.split)
+            za, logdet = self.deeper._inverse(za, ya)
+            z, total = torch.cat((za, zb), 1), total + logdet
+        for x_step, y_step in zip(reversed(self.x_steps), reversed(self.y_steps)):
+            z, logdet = x_step._inverse(z, y)
+            total = total + logdet
+            y, _ = y_step._inverse(y)
+        return self._up(z), total
+
+    def _pullback(self, z, cond, dz, dlogdet):
+        y = self._y_end(cond[0])
+        z, dz = self._down(z), self._down(dz)
+        dy = torch.zeros_like(y)
+        grads: Grads = {}
+        if self.deeper is not None:
+            (za, zb), (dza, dzb), (ya, yb) = (
+                _parts(z, self.split),
+                _parts(dz, self.split),
+                _parts(y, self.split),
+            )
+            za, dza, (dya,), g = self.deeper._pullback(za, (ya,), dza, dlogdet)
+            add_grads(grads, g)
+            z, dz = torch.cat((za, zb), 1), torch.cat((dza, dzb), 1)
+            dy = torch.cat((dya, torch.zeros_like(yb)), 1)
+        for x_step, y_step in zip(reversed(self.x_steps), reversed(self.y_steps)):
+            z, dz, (dy_step,), g = x_step._pullback(z, (y,), dz, dlogdet)
+            add_grads(grads, g)
+            dy = dy if dy_step is None else dy + dy_step
+            y, dy, _, g = y_step._pullback(y, (), dy, None)  # the y lane's logdet is not ours
+            add_grads(grads, g)
+        return self._up(z), self._up(dz), (self._up(dy),), grads
+
+    def _pullback_inverse(self, x, cond, dx, dlogdet):
+        y = self._down(cond[0])
+        x, dx = self._down(x), self._down(dx)
+        grads: Grads = {}
+        contributions = []
+        for x_step, y_step in zip(self.x_steps, self.y_steps):
+            y, _ = y_step._forward(y)
+            x, dx, (dy_step,), g = x_step._pullback_inverse(x, (y,), dx, dlogdet)
+            add_grads(grads, g)
+            contributions.append(torch.zeros_like(y) if dy_step is None else dy_step)
+        dy = torch.zeros_like(y)
+        if self.deeper is not None:
+            (xa, xb), (dxa, dxb), (ya, yb) = (
+                _parts(x, self.split),
+                _parts(dx, self.split),
+                _parts(y, self.split),
+            )
+            xa, dxa, (dya,), g = self.deeper._pullback_inverse(xa, (ya,), dxa, dlogdet)
+            add_grads(grads, g)
+            x, dx = torch.cat((xa, xb), 1), torch.cat((dxa, dxb), 1)
+            dy = torch.cat((dya, torch.zeros_like(yb)), 1)
+        for y_step, dy_step in zip(reversed(self.y_steps), reversed(contributions)):
+            y, dy, _, g = y_step._pullback(y, (), dy + dy_step, None)
+            add_grads(grads, g)
+        return self._up(x), self._up(dx), (self._up(dy),), grads
 
 
 class NetworkConditionalHINT(ConditionLane, InvertibleModule):
@@ -100,27 +261,18 @@ class NetworkConditionalHINT(ConditionLane, InvertibleModule):
             )
         if depth < 1:
             raise ValueError(f"NetworkConditionalHINT: depth must be >= 1, got {depth}")
-        conv = conv_kwargs(k1, k2, p1, p2, s1, s2)
-        hint = dict(n_hidden=n_hidden, ndim=ndim, activation=activation, **conv)
-
-        def lane(c: int) -> list[InvertibleModule]:
-            return [ActNorm(c), *([Conv1x1(c)] if permute else []), CouplingLayerHINT(c, **hint)]
-
-        x_steps, y_steps = [], []
-        for _ in range(depth):
-            y_steps.append(Chain(*lane(n_cond)))
-            couple = Coupling(
-                n_in,
-                default_subnet(n_cond, 2 * n_in, n_hidden, ndim, conv, activation=activation),
-                fixed="none",
-                kind="affine",
-                n_cond=1,
-                ndim=ndim,
-            )
-            x_steps.append(Chain(*lane(n_in), couple))
-        self.x_steps = torch.nn.ModuleList(x_steps)
-        self.y_steps = torch.nn.ModuleList(y_steps)
-        self.y_lane = Chain(*y_steps, logdet=logdet)
+        x_steps, y_steps = conditional_hint_steps(
+            n_in,
+            n_cond,
+            depth,
+            n_hidden,
+            ndim,
+            conv_kwargs(k1, k2, p1, p2, s1, s2),
+            activation,
+            permute,
+        )
+        self.top = TwoLane(x_steps, y_steps, logdet=logdet)
+        self.y_lane = self.top.y_chain()
         self.n_in, self.n_cond_channels, self.ndim = n_in, n_cond, ndim
 
     def _validate(self, x, cond, inverse):
@@ -139,55 +291,14 @@ class NetworkConditionalHINT(ConditionLane, InvertibleModule):
                 f"got {tuple(y.shape)}"
             )
 
-    # -- the conditional map x -> z_x given y
     def _forward(self, x, y):
-        total = x.new_zeros(x.shape[0])
-        for x_step, y_step in zip(self.x_steps, self.y_steps):
-            y, _ = y_step._forward(y)
-            x, logdet = x_step._forward(x, y)
-            total = total + logdet
-        return x, total
+        return self.top._forward(x, y)
 
-    def _final_condition(self, y: torch.Tensor) -> torch.Tensor:
-        for y_step in self.y_steps:
-            y, _ = y_step._forward(y)
-        return y
+    def _inverse(self, z, y):
+        return self.top._inverse(z, y)
 
-    def _inverse(self, zx, y):
-        y_next = self._final_condition(y)
-        total = zx.new_zeros(zx.shape[0])
-        for x_step, y_step in zip(reversed(self.x_steps), reversed(self.y_steps)):
-            zx, logdet = x_step._inverse(zx, y_next)
-            total = total + logdet
-            y_next, _ = y_step._inverse(y_next)
-        return zx, total
-
-    def _pullback(self, zx, cond, dzx, dlogdet):
-        (y,) = cond
-        y_next = self._final_condition(y)
-        dy_next = torch.zeros_like(y_next)
-        grads: Grads = {}
-        for x_step, y_step in zip(reversed(self.x_steps), reversed(self.y_steps)):
-            zx, dzx, (dy_step,), g = x_step._pullback(zx, (y_next,), dzx, dlogdet)
-            add_grads(grads, g)
-            if dy_step is not None:
-                dy_next = dy_next + dy_step
-            # the condition lane's logdet is not part of this map's, hence no dlogdet here
-            y_next, dy_next, _, g = y_step._pullback(y_next, (), dy_next, None)
-            add_grads(grads, g)
-        return zx, dzx, (dy_next,), grads
+    def _pullback(self, z, cond, dz, dlogdet):
+        return self.top._pullback(z, cond, dz, dlogdet)
 
     def _pullback_inverse(self, x, cond, dx, dlogdet):
-        (y,) = cond
-        grads: Grads = {}
-        dys = []
-        for x_step, y_step in zip(self.x_steps, self.y_steps):
-            y, _ = y_step._forward(y)
-            x, dx, (dy_step,), g = x_step._pullback_inverse(x, (y,), dx, dlogdet)
-            add_grads(grads, g)
-            dys.append(torch.zeros_like(y) if dy_step is None else dy_step)
-        dy = torch.zeros_like(y)
-        for y_step, dy_step in zip(reversed(self.y_steps), reversed(dys)):
-            y, dy, _, g = y_step._pullback(y, (), dy + dy_step, None)
-            add_grads(grads, g)
-        return x, dx, (dy,), grads
+        return self.top._pullback_inverse(x, cond, dx, dlogdet)

@@ -6,141 +6,13 @@ from collections.abc import Callable
 
 import torch
 
-from ..layers._subnets import conv_kwargs, default_subnet
-from ..layers.actnorm import ActNorm
+from ..layers._subnets import conv_kwargs
 from ..layers.conditional import ConditionLane
-from ..layers.conv1x1 import Conv1x1
-from ..layers.coupling import Coupling
-from ..layers.coupling_hint import CouplingLayerHINT
-from ..module import Chain, Grads, Identity, InvertibleModule, Parallel, add_grads
-from ._multiscale import check_multiscale_input, check_scale_args, squeezer
+from ..module import InvertibleModule
+from ._multiscale import check_multiscale_input, check_scale_args
+from .conditional_hint import TwoLane, conditional_hint_steps
 
 __all__ = ["NetworkMultiScaleConditionalHINT"]
-
-
-def _parts(t: torch.Tensor, split: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The channels handed to the next scale and those kept here (none without a split)."""
-    keep = (t.shape[1] + 1) // 2 if split else t.shape[1]
-    return t[:, :keep], t[:, keep:]
-
-
-class _Level(InvertibleModule):
-    """One scale of the two-lane network: x given y, with the deeper scales nested inside."""
-
-    n_cond = 1
-
-    def __init__(self, x_steps, y_steps, deeper, squeeze, ndim: int, split: bool, logdet: bool):
-        super().__init__(logdet=logdet)
-        self.split = split
-        self.x_steps = torch.nn.ModuleList(x_steps)
-        self.y_steps = torch.nn.ModuleList(y_steps)
-        self.deeper = deeper
-        self.q = squeezer(squeeze) if ndim else None
-        self.ndim = ndim
-
-    # orthogonal squeezes: a cotangent goes through them with the same maps
-    def _down(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.q is None else self.q._forward(t)[0]
-
-    def _up(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.q is None else self.q._inverse(t)[0]
-
-    def y_chain(self) -> Chain:
-        """This scale's condition lane as an invertible module."""
-        layers: list[InvertibleModule] = [] if self.q is None else [self.q]
-        layers += list(self.y_steps)
-        if self.deeper is not None:
-            c = self.y_steps[0].layers[0].n_channels
-            if self.split:
-                keep = (c + 1) // 2
-                layers.append(Parallel(self.deeper.y_chain(), Identity(), sizes=(keep, c - keep)))
-            else:
-                layers.append(self.deeper.y_chain())
-        if self.q is not None:
-            layers.append(self.q.reverse())
-        return Chain(*layers, logdet=self.logdet)
-
-    def _y_end(self, y: torch.Tensor) -> torch.Tensor:
-        y = self._down(y)
-        for y_step in self.y_steps:
-            y, _ = y_step._forward(y)
-        return y
-
-    def _forward(self, x, y):
-        x, y = self._down(x), self._down(y)
-        total = x.new_zeros(x.shape[0])
-        for x_step, y_step in zip(self.x_steps, self.y_steps):
-            y, _ = y_step._forward(y)
-            x, logdet = x_step._forward(x, y)
-            total = total + logdet
-        if self.deeper is not None:
-            (xa, xb), (ya, _) = _parts(x, self.split), _parts(y, self.split)
-            xa, logdet = self.deeper._forward(xa, ya)
-            x, total = torch.cat((xa, xb), 1), total + logdet
-        return self._up(x), total
-
-    def _inverse(self, z, y):
-        y = self._y_end(y)
-        z = self._down(z)
-        total = z.new_zeros(z.shape[0])
-        if self.deeper is not None:
-            (za, zb), (ya, _) = _parts(z, self.split), _parts(y, self.split)
-            za, logdet = self.deeper._inverse(za, ya)
-            z, total = torch.cat((za, zb), 1), total + logdet
-        for x_step, y_step in zip(reversed(self.x_steps), reversed(self.y_steps)):
-            z, logdet = x_step._inverse(z, y)
-            total = total + logdet
-            y, _ = y_step._inverse(y)
-        return self._up(z), total
-
-    def _pullback(self, z, cond, dz, dlogdet):
-        y = self._y_end(cond[0])
-        z, dz = self._down(z), self._down(dz)
-        dy = torch.zeros_like(y)
-        grads: Grads = {}
-        if self.deeper is not None:
-            (za, zb), (dza, dzb), (ya, yb) = (
-                _parts(z, self.split),
-                _parts(dz, self.split),
-                _parts(y, self.split),
-            )
-            za, dza, (dya,), g = self.deeper._pullback(za, (ya,), dza, dlogdet)
-            add_grads(grads, g)
-            z, dz = torch.cat((za, zb), 1), torch.cat((dza, dzb), 1)
-            dy = torch.cat((dya, torch.zeros_like(yb)), 1)
-        for x_step, y_step in zip(reversed(self.x_steps), reversed(self.y_steps)):
-            z, dz, (dy_step,), g = x_step._pullback(z, (y,), dz, dlogdet)
-            add_grads(grads, g)
-            dy = dy if dy_step is None else dy + dy_step
-            y, dy, _, g = y_step._pullback(y, (), dy, None)  # the y lane's logdet is not ours
-            add_grads(grads, g)
-        return self._up(z), self._up(dz), (self._up(dy),), grads
-
-    def _pullback_inverse(self, x, cond, dx, dlogdet):
-        y = self._down(cond[0])
-        x, dx = self._down(x), self._down(dx)
-        grads: Grads = {}
-        contributions = []
-        for x_step, y_step in zip(self.x_steps, self.y_steps):
-            y, _ = y_step._forward(y)
-            x, dx, (dy_step,), g = x_step._pullback_inverse(x, (y,), dx, dlogdet)
-            add_grads(grads, g)
-            contributions.append(torch.zeros_like(y) if dy_step is None else dy_step)
-        dy = torch.zeros_like(y)
-        if self.deeper is not None:
-            (xa, xb), (dxa, dxb), (ya, yb) = (
-                _parts(x, self.split),
-                _parts(dx, self.split),
-                _parts(y, self.split),
-            )
-            xa, dxa, (dya,), g = self.deeper._pullback_inverse(xa, (ya,), dxa, dlogdet)
-            add_grads(grads, g)
-            x, dx = torch.cat((xa, xb), 1), torch.cat((dxa, dxb), 1)
-            dy = torch.cat((dya, torch.zeros_like(yb)), 1)
-        for y_step, dy_step in zip(reversed(self.y_steps), reversed(contributions)):
-            y, dy, _, g = y_step._pullback(y, (), dy + dy_step, None)
-            add_grads(grads, g)
-        return self._up(x), self._up(dx), (self._up(dy),), grads
 
 
 class NetworkMultiScaleConditionalHINT(ConditionLane, InvertibleModule):
@@ -214,13 +86,15 @@ class NetworkMultiScaleConditionalHINT(ConditionLane, InvertibleModule):
         super().__init__(logdet=logdet)
         owner = "NetworkMultiScaleConditionalHINT"
         check_scale_args(owner, L, K, ndim)
-        conv = conv_kwargs(k1, k2, p1, p2, s1, s2)
-        hint = dict(n_hidden=n_hidden, ndim=ndim, activation=activation, **conv)
+        step_kwargs = dict(
+            n_hidden=n_hidden,
+            ndim=ndim,
+            conv=conv_kwargs(k1, k2, p1, p2, s1, s2),
+            activation=activation,
+            permute=permute,
+        )
 
-        def lane(c: int) -> list[InvertibleModule]:
-            return [ActNorm(c), *([Conv1x1(c)] if permute else []), CouplingLayerHINT(c, **hint)]
-
-        def level(cx: int, cy: int, i: int) -> _Level:
+        def level(cx: int, cy: int, i: int) -> TwoLane:
             factor = 2**ndim if ndim else 1
             cx, cy = cx * factor, cy * factor
             if min(cx, cy) < 2:
@@ -228,25 +102,16 @@ class NetworkMultiScaleConditionalHINT(ConditionLane, InvertibleModule):
                     f"{owner}: scale {i} would have {cx} and {cy} channels; HINT needs 2 "
                     "(use fewer scales or split_scales=False)"
                 )
-            x_steps, y_steps = [], []
-            for _ in range(K):
-                y_steps.append(Chain(*lane(cy)))
-                couple = Coupling(
-                    cx,
-                    default_subnet(cy, 2 * cx, n_hidden, ndim, conv, activation=activation),
-                    fixed="none",
-                    kind="affine",
-                    n_cond=1,
-                    ndim=ndim,
-                )
-                x_steps.append(Chain(*lane(cx), couple))
+            x_steps, y_steps = conditional_hint_steps(cx, cy, K, **step_kwargs)
             deeper = None
             if i + 1 < L:
                 if split_scales:
                     deeper = level((cx + 1) // 2, (cy + 1) // 2, i + 1)
                 else:
                     deeper = level(cx, cy, i + 1)
-            return _Level(x_steps, y_steps, deeper, squeeze, ndim, split_scales, logdet)
+            return TwoLane(
+                x_steps, y_steps, deeper, squeeze if ndim else None, split_scales, logdet
+            )
 
         self.top = level(n_in, n_cond, 0)
         self.y_lane = self.top.y_chain()
