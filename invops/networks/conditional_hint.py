@@ -15,7 +15,7 @@ from ..layers.coupling_hint import CouplingLayerHINT
 from ..module import Chain, Grads, Identity, InvertibleModule, Parallel, add_grads
 from ._multiscale import squeezer
 
-__all__ = ["NetworkConditionalHINT", "TwoLane", "conditional_hint_steps"]
+__all__ = ["NetworkConditionalHINT", "TwoLane", "TwoLaneNetwork", "conditional_hint_steps"]
 
 
 def conditional_hint_steps(
@@ -178,7 +178,38 @@ class TwoLane(InvertibleModule):
         return self._up(x), self._up(dx), (self._up(dy),), grads
 
 
-class NetworkConditionalHINT(ConditionLane, InvertibleModule):
+class TwoLaneNetwork(ConditionLane, InvertibleModule):
+    """A conditional HINT network: a :class:`TwoLane` tree ``self.top`` and its condition lane."""
+
+    n_cond = 1
+
+    def _set_top(self, top: TwoLane) -> None:
+        self.top = top
+        self.y_lane = top.y_chain()
+
+    def _check_observation(self, x: torch.Tensor, cond: tuple, owner: str) -> None:
+        (y,) = cond
+        expected = (x.shape[0], self.n_cond_channels, *x.shape[2:])
+        if tuple(y.shape) != expected:
+            raise ValueError(
+                f"{owner}: cond[0] (the observation y) must have shape {expected}, "
+                f"got {tuple(y.shape)}"
+            )
+
+    def _forward(self, x, y):
+        return self.top._forward(x, y)
+
+    def _inverse(self, z, y):
+        return self.top._inverse(z, y)
+
+    def _pullback(self, z, cond, dz, dlogdet):
+        return self.top._pullback(z, cond, dz, dlogdet)
+
+    def _pullback_inverse(self, x, cond, dx, dlogdet):
+        return self.top._pullback_inverse(x, cond, dx, dlogdet)
+
+
+class NetworkConditionalHINT(TwoLaneNetwork):
     r"""Conditional HINT of Kruse et al. for amortised posterior sampling.
 
     Parameters
@@ -235,8 +266,6 @@ class NetworkConditionalHINT(ConditionLane, InvertibleModule):
     True
     """
 
-    n_cond = 1
-
     def __init__(
         self,
         n_in: int,
@@ -271,8 +300,7 @@ class NetworkConditionalHINT(ConditionLane, InvertibleModule):
             activation,
             permute,
         )
-        self.top = TwoLane(x_steps, y_steps, logdet=logdet)
-        self.y_lane = self.top.y_chain()
+        self._set_top(TwoLane(x_steps, y_steps, logdet=logdet))
         self.n_in, self.n_cond_channels, self.ndim = n_in, n_cond, ndim
 
     def _validate(self, x, cond, inverse):
@@ -283,22 +311,4 @@ class NetworkConditionalHINT(ConditionLane, InvertibleModule):
                 f"{owner}: {name} must have shape (B, {self.n_in}"
                 f"{', *' * self.ndim}) ({self.ndim} spatial dimensions), got {tuple(x.shape)}"
             )
-        (y,) = cond
-        expected = (x.shape[0], self.n_cond_channels, *x.shape[2:])
-        if tuple(y.shape) != expected:
-            raise ValueError(
-                f"{owner}: cond[0] (the observation y) must have shape {expected}, "
-                f"got {tuple(y.shape)}"
-            )
-
-    def _forward(self, x, y):
-        return self.top._forward(x, y)
-
-    def _inverse(self, z, y):
-        return self.top._inverse(z, y)
-
-    def _pullback(self, z, cond, dz, dlogdet):
-        return self.top._pullback(z, cond, dz, dlogdet)
-
-    def _pullback_inverse(self, x, cond, dx, dlogdet):
-        return self.top._pullback_inverse(x, cond, dx, dlogdet)
+        self._check_observation(x, cond, owner)

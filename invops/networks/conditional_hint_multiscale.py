@@ -7,15 +7,13 @@ from collections.abc import Callable
 import torch
 
 from ..layers._subnets import conv_kwargs
-from ..layers.conditional import ConditionLane
-from ..module import InvertibleModule
 from ._multiscale import check_multiscale_input, check_scale_args
-from .conditional_hint import TwoLane, conditional_hint_steps
+from .conditional_hint import TwoLane, TwoLaneNetwork, conditional_hint_steps
 
 __all__ = ["NetworkMultiScaleConditionalHINT"]
 
 
-class NetworkMultiScaleConditionalHINT(ConditionLane, InvertibleModule):
+class NetworkMultiScaleConditionalHINT(TwoLaneNetwork):
     r"""Multiscale conditional HINT: :math:`x` given :math:`y`, both squeezed and split per scale.
 
     Parameters
@@ -60,8 +58,6 @@ class NetworkMultiScaleConditionalHINT(ConditionLane, InvertibleModule):
     >>> zx.shape
     torch.Size([2, 1, 8, 8])
     """
-
-    n_cond = 1
 
     def __init__(
         self,
@@ -113,29 +109,10 @@ class NetworkMultiScaleConditionalHINT(ConditionLane, InvertibleModule):
                 x_steps, y_steps, deeper, squeeze if ndim else None, split_scales, logdet
             )
 
-        self.top = level(n_in, n_cond, 0)
-        self.y_lane = self.top.y_chain()
+        self._set_top(level(n_in, n_cond, 0))
         self.n_in, self.n_cond_channels, self.L, self.ndim = n_in, n_cond, L, ndim
 
     def _validate(self, x, cond, inverse):
         owner = "NetworkMultiScaleConditionalHINT"
         check_multiscale_input(x, self.n_in, self.L, self.ndim, owner, "zx" if inverse else "x")
-        (y,) = cond
-        expected = (x.shape[0], self.n_cond_channels, *x.shape[2:])
-        if tuple(y.shape) != expected:
-            raise ValueError(
-                f"{owner}: cond[0] (the observation y) must have shape {expected}, "
-                f"got {tuple(y.shape)}"
-            )
-
-    def _forward(self, x, y):
-        return self.top._forward(x, y)
-
-    def _inverse(self, z, y):
-        return self.top._inverse(z, y)
-
-    def _pullback(self, z, cond, dz, dlogdet):
-        return self.top._pullback(z, cond, dz, dlogdet)
-
-    def _pullback_inverse(self, x, cond, dx, dlogdet):
-        return self.top._pullback_inverse(x, cond, dx, dlogdet)
+        self._check_observation(x, cond, owner)
