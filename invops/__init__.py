@@ -1,6 +1,6 @@
 """invops: memory-efficient invertible networks as nonlinear operators for inverse problems."""
 
-from . import operators, testing
+from . import checkpoint, distributed, operators, testing
 from .activations import (
     ExpClamp,
     GaLU,
@@ -135,6 +135,8 @@ __all__ = [
     "leaky_relu_inv",
     "mse",
     "mse_grad",
+    "checkpoint",
+    "distributed",
     "operators",
     "plain_autograd",
     "relu",

@@ -471,6 +471,10 @@ class InvertibleModule(torch.nn.Module):
         Recomputes ``x`` by inversion, accumulates dL/dtheta into ``p.grad`` and returns
         ``dx, x`` (conditional modules: ``dx, x, dcond``). ``dlogdet`` is the cotangent of the
         log-determinant, of shape ``(B,)`` or a scalar; ``None`` means zero.
+
+        The accumulation is local: in data-parallel training nothing is communicated (DDP's
+        hooks only see ``loss.backward()``); call
+        :func:`invops.distributed.all_reduce_gradients` before the optimiser step.
         """
         kind, x, dx, cond, dcond, grads = self._reverse_public(dy, y, cond, dlogdet, inverse=False)
         _accumulate_into_grad(grads)

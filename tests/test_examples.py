@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
+
+import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -62,3 +68,32 @@ def test_inpainting_conditional_glow(tmp_path):
     # posterior mean beats filling the hole with the mean of the observed pixels
     assert results["nll_after"] > results["nll_exact"] - 0.05, results
     assert results["rmse_exact"] < results["rmse_observed_mean"], results
+
+
+def _torchrun(tmp_path, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    small = ["--train", "256", "--test", "64", "--hidden", "8", "--K", "2", "--batch", "16"]
+    proc = subprocess.run(
+        [*cmd, str(EXAMPLES / "train_ddp.py"), *small, *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,  # the checkpoints are relative paths
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(EXAMPLES.parent), *sys.path])},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_train_ddp_with_torchrun_resumes_bit_identically(tmp_path):
+    straight = _torchrun(tmp_path, "--steps", "8", "--checkpoint", "straight.pt")
+    assert "2 process(es), DDP: steps 8" in straight
+    before, after = map(float, re.search(r"bits/dim (\S+) -> (\S+),", straight).groups())
+    assert after < before, straight
+    _torchrun(tmp_path, "--steps", "4", "--checkpoint", "resumed.pt")
+    _torchrun(tmp_path, "--steps", "8", "--checkpoint", "resumed.pt", "--resume")
+    want = torch.load(tmp_path / "straight.pt", weights_only=True)
+    got = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert got["step"] == 8
+    for name, tensor in want["model"].items():
+        assert torch.equal(got["model"][name], tensor), name

@@ -5,11 +5,30 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import distributed
 
 from .._checks import channel_view, check_layout
 from ..module import InvertibleModule
 
 __all__ = ["ActNorm"]
+
+
+def _sum_over_processes(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the default process group when training is distributed, else ``t``.
+
+    Every process of a data-parallel run initialises its ActNorm layers in the same (first)
+    call, so summing the statistics gives every process the initialisation a single process
+    would compute from the whole global batch, and keeps the replicas identical.
+    """
+    if distributed.is_available() and distributed.is_initialized():
+        if distributed.get_world_size() > 1:
+            t = t.clone()
+            distributed.all_reduce(t)
+    return t
+
+
+def _sync_ready_flag(module: ActNorm, _incompatible_keys) -> None:
+    module._ready = bool(module.initialized)
 
 
 class ActNorm(InvertibleModule):
@@ -38,6 +57,11 @@ class ActNorm(InvertibleModule):
     scale and is only centred, so constant channels never give NaN or Inf. The ``initialized``
     buffer is part of ``state_dict()``.
 
+    Under ``torch.distributed`` (an initialised default process group with more than one
+    process) the statistics are summed over all processes, so data-parallel replicas start from
+    the initialisation of the global batch and stay identical. Every process must therefore
+    make its first call at the same time, as data-parallel training does.
+
     Examples
     --------
     >>> import torch, invops
@@ -56,12 +80,16 @@ class ActNorm(InvertibleModule):
         self.log_scale = torch.nn.Parameter(torch.zeros(n_channels))
         self.bias = torch.nn.Parameter(torch.zeros(n_channels))
         self.register_buffer("initialized", torch.tensor(False))
+        # A Python mirror of the buffer: branching on a tensor would break torch.compile graphs
+        # at every ActNorm, while a Python bool is a guard. Loading a state_dict resyncs it.
+        self._ready = False
+        self.register_load_state_dict_post_hook(_sync_ready_flag)
 
     def extra_repr(self) -> str:
         return f"{self.n_channels}, logdet={self.logdet}"
 
     def _pending_init(self) -> bool:
-        return not bool(self.initialized)
+        return not self._ready
 
     def _validate(self, x, cond, inverse):
         check_layout(x, self.n_channels, "y" if inverse else "x", "ActNorm")
@@ -69,8 +97,13 @@ class ActNorm(InvertibleModule):
     @torch.no_grad()
     def _initialize(self, data: torch.Tensor, inverse: bool) -> None:
         dims = [d for d in range(data.ndim) if d != 1]
-        mean = data.mean(dim=dims)
-        std = data.var(dim=dims, unbiased=False).sqrt()
+        count = data.new_full((1,), data.numel() // data.shape[1])
+        # two passes (mean, then centred squares) so large offsets do not cancel the variance
+        sums = _sum_over_processes(torch.cat((data.sum(dim=dims), count)))
+        count = sums[-1]
+        mean = sums[:-1] / count
+        centred = data - channel_view(mean, data.ndim)
+        std = (_sum_over_processes(centred.square().sum(dim=dims)) / count).sqrt()
         degenerate = std <= 1e-6 * torch.clamp(mean.abs(), min=1.0)
         std = torch.where(degenerate, torch.ones_like(std), std)
         if inverse:
@@ -80,20 +113,21 @@ class ActNorm(InvertibleModule):
             self.log_scale.copy_(-std.log())
             self.bias.copy_(-mean / std)
         self.initialized.fill_(True)
+        self._ready = True
 
     def _logdet(self, x: torch.Tensor) -> torch.Tensor:
         n_points = math.prod(x.shape[2:])
         return (n_points * self.log_scale.sum()).expand(x.shape[0])
 
     def _forward(self, x, *cond):
-        if not self.initialized:
+        if not self._ready:
             self._initialize(x.detach(), inverse=False)
         s = channel_view(self.log_scale, x.ndim)
         t = channel_view(self.bias, x.ndim)
         return x * s.exp() + t, self._logdet(x)
 
     def _inverse(self, y, *cond):
-        if not self.initialized:
+        if not self._ready:
             self._initialize(y.detach(), inverse=True)
         s = channel_view(self.log_scale, y.ndim)
         t = channel_view(self.bias, y.ndim)

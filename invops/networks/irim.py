@@ -317,7 +317,8 @@ class NetworkLoop(torch.nn.Module):
         return self._unpack(bound.inverse(y, d), kind)
 
     def backward(self, deta: Any, ds: Any, eta: Any, s: Any, d: Any, J: Any):
-        """Reverse mode from the output state; accumulates ``p.grad``.
+        """Reverse mode from the output state; accumulates ``p.grad`` (locally: see
+        :func:`invops.distributed.all_reduce_gradients` for data-parallel training).
 
         Returns ``deta_in, ds_in, eta_in, s_in, dd``: the cotangents of the input state, the
         input state recomputed by inversion, and the cotangent of the data.
