@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean bench-deps bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,17 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# the peers of the benchmarks, without their dependencies so that torch stays as pinned
+bench-deps: install
+	$(PIP) install --quiet --no-deps normflows==1.7.3 memcnn==1.5.2
+
+# the full CPU benchmark suite (about 70 minutes on 2 idle cores; see benchmarks/README.md)
+bench: bench-deps
+	$(BIN)/python benchmarks/glow_memory_time.py --sweep depth
+	$(BIN)/python benchmarks/glow_memory_time.py --sweep size
+	$(BIN)/python benchmarks/jacobian_cost.py
+	$(BIN)/python benchmarks/irim_unrolled.py
 
 lint: install
 	$(BIN)/ruff check invops tests examples $(wildcard benchmarks)

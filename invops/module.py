@@ -134,12 +134,13 @@ def forward_mode(
     without storage, which physics operators working on numpy or cupy arrays cannot read.
     Missing tangents are zero.
     """
-    with fwAD.dual_level():
+    # Forward mode needs no autograd graph, and parameters without a tangent enter as plain
+    # (detached) tensors: a dual with a zero tangent would double the cost of every convolution.
+    with torch.no_grad(), fwAD.dual_level():
         duals = {
-            p: fwAD.make_dual(
-                p.detach(),
-                param_tangents[p] if param_tangents.get(p) is not None else torch.zeros_like(p),
-            )
+            p: p.detach()
+            if param_tangents.get(p) is None
+            else fwAD.make_dual(p.detach(), param_tangents[p])
             for p in owner.parameters()
             if p.requires_grad
         }
@@ -374,25 +375,18 @@ class InvertibleModule(torch.nn.Module):
             with torch.no_grad():
                 (self._inverse if inverse else self._forward)(x.detach(), *cond)
 
-    def _cotangent_logdet(self, dlogdet: Any, batch: int) -> torch.Tensor | None:
+    def _cotangent_logdet(self, dlogdet: Any, out: torch.Tensor) -> torch.Tensor | None:
+        """``dlogdet`` as a ``(B,)`` tensor on ``out``'s device and in its dtype."""
         if dlogdet is None:
             return None
         if not self.logdet:
             raise ValueError(
                 f"dlogdet was given but {type(self).__name__} was built with logdet=False"
             )
+        batch = out.shape[0]
         if isinstance(dlogdet, (int, float)):
-            ref = self._reference_tensor
-            return torch.full(
-                (batch,),
-                float(dlogdet),
-                dtype=ref.dtype if ref is not None else torch.get_default_dtype(),
-                device=None if ref is None else ref.device,
-            )
-        t = to_torch(dlogdet, name="dlogdet")
-        ref = self._reference_tensor
-        if ref is not None:
-            t = t.to(device=ref.device, dtype=ref.dtype)
+            return torch.full((batch,), float(dlogdet), dtype=out.dtype, device=out.device)
+        t = to_torch(dlogdet, name="dlogdet").to(device=out.device, dtype=out.dtype)
         if t.numel() == 1:
             return t.reshape(()).expand(batch).clone()
         if tuple(t.shape) != (batch,):
@@ -444,7 +438,7 @@ class InvertibleModule(torch.nn.Module):
                 f"cotangent of {name}: expected shape {tuple(out.shape)}, got {tuple(dout.shape)}"
             )
         self._ensure_initialized(out, cond, inverse=not inverse)
-        dlogdet = self._cotangent_logdet(dlogdet, out.shape[0])
+        dlogdet = self._cotangent_logdet(dlogdet, out)
         with torch.no_grad():
             if inverse:
                 inp, dinp, dcond, grads = self._pullback_inverse(out, cond, dout, dlogdet)

@@ -14,8 +14,21 @@ def randomize_parameters(module: torch.nn.Module, scale: float = 0.3, seed: int 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device))
 
 
 # spatial shapes per rank, kept tiny so the dense Jacobians stay small
 SPATIAL = {0: (), 1: (5,), 2: (3, 4), 3: (2, 3, 2)}
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--devices",
+        default="cuda",
+        help=(
+            "comma-separated torch devices for the device/dtype suite tests/test_devices.py "
+            "(marked gpu: run it with -m gpu). Default 'cuda'; 'cpu' validates the suite on a "
+            "machine without a GPU; 'cpu,cuda' runs both. A device that is not available is "
+            "skipped with its reason."
+        ),
+    )

@@ -210,3 +210,17 @@ def test_jvp_leaves_shared_parameters_intact():
     chain.jvp(x, dx=x, dtheta=[torch.randn_like(p) for p in params])
     assert all(a is b and b.requires_grad for a, b in zip(params, chain.parameters()))
     assert chain.layers[0].vectors is chain.layers[2].module.vectors
+
+
+def test_scalar_dlogdet_takes_the_output_dtype_and_device():
+    """A Python-number dlogdet on a parameterless layer means a (B,) tensor like the output,
+    not one in torch's default dtype (which rounded it to float32 for float64 inputs)."""
+    layer = invops.Sigmoid(-1.0, 2.0)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    y, _ = layer(x)
+    dy = torch.randn_like(y)
+    want = layer.vjp(dy, y, dlogdet=torch.full((3,), 0.1, dtype=torch.float64))[0]
+    assert torch.equal(layer.vjp(dy, y, dlogdet=0.1)[0], want)
+    with torch.device("meta"):  # a default device other than the data's
+        dx, _ = layer.backward(dy, y, dlogdet=0.1)
+    assert dx.device == x.device
