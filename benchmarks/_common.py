@@ -59,7 +59,21 @@ def add_point_args(parser: argparse.ArgumentParser) -> None:
         "then include what earlier points left behind (report fresh-process numbers)",
     )
     parser.add_argument("--timeout", type=float, help="seconds allowed per point")
+    parser.add_argument(
+        "--allocator",
+        choices=("default", "tuned"),
+        default="default",
+        help="glibc malloc settings of the timing processes: 'default', or 'tuned' "
+        f"({' '.join(f'{k}={v}' for k, v in TUNED_MALLOC.items())}), which keeps freed "
+        "memory in the heap for reuse instead of returning it to the system",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one point, in a fresh process
+
+
+# glibc returns large freed blocks to the system by default, so every large tensor of the next
+# layer starts with page faults; these settings keep freed memory in the heap for reuse (the
+# effect that jemalloc or tcmalloc, which PyTorch recommends for CPU training, also has)
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 
 
 def setup_torch(threads: int | None, seed: int) -> None:
@@ -299,13 +313,15 @@ def run_point(script: Path, config: dict, timeout: float | None = None) -> dict:
     """Run one phase of a point in a fresh ``script --worker`` process; its JSON result.
 
     The memory phase runs with ``MALLOC_MMAP_THRESHOLD_=65536`` (freed tensors leave the RSS at
-    once); the time phase with the default allocator, as a user would run. A failed or
+    once); the time phase with the default allocator, as a user would run, or with
+    :data:`TUNED_MALLOC` when ``config["allocator"] == "tuned"``. A failed or
     timed-out worker gives ``{**config, "error": ...}`` instead of raising, so a sweep goes on.
     """
-    env = dict(os.environ)
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    env = {k: v for k, v in os.environ.items() if k not in TUNED_MALLOC}
     if "memory" in config["phases"]:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    elif config.get("allocator") == "tuned":
+        env |= TUNED_MALLOC
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, str(script), "--worker", json.dumps(config)]
     try:

@@ -472,6 +472,7 @@ def main(argv=None) -> None:
         "threads": args.threads,
         "seed": args.seed,
         "repeats": args.repeats,
+        "allocator": args.allocator,
     }
     if args.sweep == "depth":
         base["nx"] = args.nx
@@ -483,6 +484,7 @@ def main(argv=None) -> None:
         "skipped": skipped,
     }
     device = args.device.split(":")[0]
+    device += "_tuned" if args.allocator == "tuned" else ""
     if args.sweep == "maxsize":
         payload |= maxsize_report(args, systems, base)
     else:

@@ -221,6 +221,10 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def _suffix(args) -> str:
+    return "cpu_tuned" if args.allocator == "tuned" else "cpu"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
@@ -235,6 +239,7 @@ def main(argv=None) -> None:
         "threads": args.threads,
         "seed": args.seed,
         "repeats": args.repeats,
+        "allocator": args.allocator,
     }
     points = []
     for n in args.iterations:
@@ -250,7 +255,7 @@ def main(argv=None) -> None:
     title = (
         f"i-RIM {args.channels} ch, hidden {args.hidden}, {args.nx}x{args.nx}, batch {args.batch}"
     )
-    png = plot(points, args.iterations, title, args.plots / "irim_unrolled_cpu.png")
+    png = plot(points, args.iterations, title, args.plots / f"irim_unrolled_{_suffix(args)}.png")
     payload = {
         "benchmark": "irim_unrolled",
         "machine": machine_info("cpu", "float32", args.threads),
@@ -258,7 +263,7 @@ def main(argv=None) -> None:
         "points": points,
         "growth": growth,
     }
-    path = write_json(args.results / "irim_unrolled_cpu.json", payload)
+    path = write_json(args.results / f"irim_unrolled_{_suffix(args)}.json", payload)
     print(f"\nplot: {png}\nresults: {path}")
 
 
