@@ -19,7 +19,8 @@ install: $(BIN)/python
 demo: install
 	$(BIN)/python examples/irim_seismic.py --out examples/output/irim_seismic.png
 
-test: install
+# the benchmark peers are installed too, so that the benchmark smoke tests run in full
+test: bench-deps
 	$(BIN)/python -m pytest -q
 
 # the peers of the benchmarks, without their dependencies so that torch stays as pinned
