@@ -3,6 +3,19 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests, the previous setting restored after.
+
+    With tensors this small, extra threads only add synchronisation, and on a loaded two-core
+    machine they made each small operation 10-100 times slower.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

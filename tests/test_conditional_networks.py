@@ -24,14 +24,7 @@ F64 = torch.float64
 WRTS = ["input", "params", "both"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Every tensor here is tiny: intra-op threads only add synchronisation, which costs seconds
-    per test on a loaded two-core machine. The previous setting is restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randn(*shape):

@@ -34,14 +34,7 @@ SMALL_SPATIAL = {1: (3,), 2: (2, 1), 3: (1, 2, 1)}  # HyperbolicLayer unsqueeze 
 _CONV = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Every tensor here is tiny: intra-op threads only add synchronisation, which costs seconds
-    per test on a loaded two-core machine. The previous setting is restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------- builders

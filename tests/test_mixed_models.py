@@ -24,12 +24,7 @@ F64 = torch.float64
 TOL = 1e-9  # float64; the issue asks for 1e-7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FlowModel(nn.Module):

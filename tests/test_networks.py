@@ -36,14 +36,7 @@ SCALE = 0.1  # parameter randomization (see the module docstring)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Every tensor here is tiny: intra-op threads only add synchronisation, which costs seconds
-    per test on a loaded two-core machine. The previous setting is restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------- specs
