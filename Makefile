@@ -27,12 +27,13 @@ test: bench-deps
 bench-deps: install
 	$(PIP) install --quiet --no-deps normflows==1.7.3 memcnn==1.5.2
 
-# the full CPU benchmark suite (about 70 minutes on 2 idle cores; see benchmarks/README.md)
+# the CPU runs reported in BENCHMARKS.md (about 45 minutes on 2 cores; see benchmarks/README.md)
 bench: bench-deps
+	$(BIN)/python benchmarks/glow_memory_time.py --sweep depth --allocator tuned
 	$(BIN)/python benchmarks/glow_memory_time.py --sweep depth
-	$(BIN)/python benchmarks/glow_memory_time.py --sweep size
+	$(BIN)/python benchmarks/glow_memory_time.py --sweep size --sizes 32 64 128 --allocator tuned
 	$(BIN)/python benchmarks/jacobian_cost.py
-	$(BIN)/python benchmarks/irim_unrolled.py
+	$(BIN)/python benchmarks/irim_unrolled.py --allocator tuned
 
 lint: install
 	$(BIN)/ruff check invops tests examples $(wildcard benchmarks)
