@@ -96,6 +96,9 @@ def test_glow_depth_sweep_in_process(tmp_path, capsys):
     expected["normflows-memcnn"] = (1, 2)
     for (system, _), p in points.items():
         assert (p["evals"]["forward"], p["evals"]["backward"]) == expected[system], system
+        if system == "invops":  # memory-free and plain steps alternating in one process
+            assert len(p["interleaved"]["times"]["invops-plain"]) == 1
+            assert p["interleaved"]["ratio"] > 0
     pairs = [("invops", "invops-plain"), ("normflows", "normflows-memcnn")]
     for a, b in pairs:
         for k in (1, 2):
