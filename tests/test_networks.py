@@ -475,11 +475,15 @@ def test_state_dict_round_trip_in_a_new_process(tmp_path):
         )
     path = tmp_path / "networks.pt"
     torch.save(blobs, path)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    _load_in_a_new_process(_LOADER, path)
+
+
+def _load_in_a_new_process(loader: str, path: Path) -> None:
+    """Run ``loader`` (a script comparing saved outputs) on ``path`` in a fresh interpreter."""
     res = subprocess.run(
-        [sys.executable, "-c", _LOADER, str(path)],
-        env=env,
-        cwd=tmp_path,
+        [sys.executable, "-c", loader, str(path)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=path.parent,
         capture_output=True,
         text=True,
         timeout=300,
@@ -899,13 +903,4 @@ def test_conditional_networks_round_trip_in_a_new_process(tmp_path):
     )
     path = tmp_path / "conditional.pt"
     torch.save(blobs, path)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run(
-        [sys.executable, "-c", _COND_LOADER, str(path)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stdout + res.stderr
+    _load_in_a_new_process(_COND_LOADER, path)
