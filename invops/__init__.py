@@ -1,6 +1,7 @@
 """invops: memory-efficient invertible networks as nonlinear operators for inverse problems."""
 
 from . import checkpoint, distributed, operators, testing
+from ._reconstruction import set_reconstruction_check
 from .activations import (
     ExpClamp,
     GaLU,
@@ -141,6 +142,7 @@ __all__ = [
     "plain_autograd",
     "relu",
     "relu_derivative",
+    "set_reconstruction_check",
     "sigmoid",
     "sigmoid_derivative",
     "sigmoid_inv",

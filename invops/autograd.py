@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _reconstruction
+
 __all__ = ["apply_memory_free"]
 
 
@@ -37,7 +39,9 @@ class _MemoryFreeFunction(torch.autograd.Function):
         out, *cond = ctx.saved_tensors
         module = ctx.module
         pull = module._pullback_inverse if ctx.inverse else module._pullback
-        _, dinp, dcond, grads = pull(out, tuple(cond), dout, dlogdet)
+        inp, dinp, dcond, grads = pull(out, tuple(cond), dout, dlogdet)
+        if _reconstruction.SETTING is not None:
+            _reconstruction.check(module, out, inp, tuple(cond), ctx.inverse)
         dparams = tuple(grads.get(p) for p in ctx.params)
         return (None, None, None, dinp, *dcond, *dparams)
 

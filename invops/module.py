@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from . import _reconstruction
 from ._arrays import array_kind, from_torch, to_torch
 
 __all__ = [
@@ -32,6 +34,12 @@ __all__ = [
 ]
 
 Grads = dict  # maps a parameter to its cotangent; several uses of one parameter are summed
+
+# Data-dependent initialisation and gradient accumulation mutate shared state, so concurrent
+# calls from several threads serialise on these locks. The initialisation lock is reentrant: a
+# module's first call may run torch code that calls another invops module's public methods.
+_INIT_LOCK = threading.RLock()
+_GRAD_LOCK = threading.Lock()
 
 _PLAIN_AUTOGRAD: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "invops_plain_autograd", default=False
@@ -156,6 +164,22 @@ def forward_mode(
         )
         pairs = [fwAD.unpack_dual(o) for o in (out if isinstance(out, tuple) else (out,))]
     return [(o, torch.zeros_like(o) if d is None else d) for o, d in pairs]
+
+
+def _unaliased(t: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it if it shares memory with one of ``sources`` (the caller's arrays).
+
+    Layers that move no data (``Identity``, a squeeze that is a reshape) would otherwise hand
+    back a view of the input, and writing into the output would change the caller's input.
+    """
+    if torch.compiler.is_compiling():  # compiled graphs return fresh outputs
+        return t
+    try:
+        ptr = t.untyped_storage().data_ptr()
+        shared = ptr and any(s.untyped_storage().data_ptr() == ptr for s in sources)
+    except (NotImplementedError, RuntimeError):  # torch.func wrappers have no storage to share
+        return t
+    return t.clone() if shared else t
 
 
 def _differentiable_copy(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -351,6 +375,11 @@ class InvertibleModule(torch.nn.Module):
                 f"got {len(cond)}"
             )
         x = self._to_tensor(x, name)
+        if x.ndim >= 1 and x.shape[0] == 0:
+            raise ValueError(
+                f"{type(self).__name__}: {name} is an empty batch (shape {tuple(x.shape)}); "
+                "expected at least one sample"
+            )
         cond = tuple(self._to_tensor(c, f"cond[{i}]", like=x) for i, c in enumerate(cond))
         self._validate(x, cond, inverse)
         return kind, x, cond
@@ -368,12 +397,52 @@ class InvertibleModule(torch.nn.Module):
     def _pending_init(self) -> bool:
         return False
 
+    def _init_snapshot(self) -> Any:
+        """What this module's data-dependent initialisation may change, for a rollback."""
+        own = (*self.parameters(recurse=False), *self.buffers(recurse=False))
+        return [(t, t.detach().clone()) for t in own]
+
+    def _init_restore(self, snapshot: Any) -> None:
+        """Undo an initialisation from :meth:`_init_snapshot`'s result."""
+        with torch.no_grad():
+            for t, saved in snapshot:
+                t.copy_(saved)
+
     def _ensure_initialized(self, x: torch.Tensor, cond: tuple, inverse: bool) -> None:
         # Data-dependent initialisation mutates parameters, which must not happen inside the
         # autograd bridge or a torch.func transform, so it runs here, once, before any of them.
-        if self._needs_init():
+        # It is all-or-nothing: if the first call fails midway (bad data, an operator that
+        # raises), every layer it initialised is restored, so no layer keeps statistics of a
+        # batch that never went through. The lock makes concurrent first calls initialise once
+        # (Dynamo cannot trace a lock; a compiled call checks the flags, which it guards on).
+        if torch.compiler.is_compiling():
+            if self._needs_init():
+                self._initialize_all(x, cond, inverse)
+            return
+        with _INIT_LOCK:
+            if self._needs_init():
+                self._initialize_all(x, cond, inverse)
+
+    def _initialize_all(self, x: torch.Tensor, cond: tuple, inverse: bool) -> None:
+        pending = [
+            m for m in self.modules() if isinstance(m, InvertibleModule) and m._pending_init()
+        ]
+        snapshots = [(m, m._init_snapshot()) for m in pending]
+        try:
             with torch.no_grad():
                 (self._inverse if inverse else self._forward)(x.detach(), *cond)
+        except BaseException as err:
+            for m, snapshot in snapshots:
+                m._init_restore(snapshot)
+            layer = getattr(err, "invops_layer", None)
+            if isinstance(err, ValueError) and layer is not None and layer is not self:
+                path = next((n for n, m in self.named_modules() if m is layer), None)
+                if path is not None:
+                    raise ValueError(
+                        f"{type(self).__name__}: layer {path!r} ({type(layer).__name__}) could "
+                        f"not be initialised: {err}; no layer of the network was initialised"
+                    ) from err
+            raise
 
     def _cotangent_logdet(self, dlogdet: Any, out: torch.Tensor) -> torch.Tensor | None:
         """``dlogdet`` as a ``(B,)`` tensor on ``out``'s device and in its dtype."""
@@ -415,6 +484,7 @@ class InvertibleModule(torch.nn.Module):
                 y, logdet = apply_memory_free(self, x, cond, inverse)
             else:
                 y, logdet = (self._inverse if inverse else self._forward)(x, *cond)
+            y = _unaliased(y, x, *cond)
         if not self.logdet:
             return from_torch(y, kind)
         return from_torch(y, kind), from_torch(logdet, kind)
@@ -444,6 +514,9 @@ class InvertibleModule(torch.nn.Module):
                 inp, dinp, dcond, grads = self._pullback_inverse(out, cond, dout, dlogdet)
             else:
                 inp, dinp, dcond, grads = self._pullback(out, cond, dout, dlogdet)
+            if _reconstruction.SETTING is not None:
+                _reconstruction.check(self, out, inp, cond, inverse)
+            inp, dinp = _unaliased(inp, out, dout, *cond), _unaliased(dinp, out, dout, *cond)
         return kind, inp, dinp, cond, dcond, grads
 
     # ------------------------------------------------------------------ public API
@@ -567,12 +640,14 @@ class InvertibleModule(torch.nn.Module):
 def _accumulate_into_grad(grads: Grads) -> None:
     # A cotangent may be the caller's own tensor (autograd passes dy through unchanged for
     # y = x + p), so p.grad gets a copy; popping keeps one extra parameter alive, not all of them.
-    while grads:
-        p, g = grads.popitem()
-        if p.grad is None:
-            p.grad = g.detach().clone()
-        else:
-            p.grad.add_(g)
+    # The lock makes the check-then-add atomic when several threads accumulate into one module.
+    with _GRAD_LOCK:
+        while grads:
+            p, g = grads.popitem()
+            if p.grad is None:
+                p.grad = g.detach().clone()
+            else:
+                p.grad.add_(g)
 
 
 class Reversed(InvertibleModule):
@@ -709,7 +784,20 @@ class Chain(InvertibleModule):
 
 
 class Identity(InvertibleModule):
-    """The identity map (logdet 0); a placeholder lane in :class:`Parallel`."""
+    """The identity map (logdet 0); a placeholder lane in :class:`Parallel`.
+
+    Its public methods return copies, never the caller's array (as every module's do), so
+    writing into an output leaves the input unchanged.
+
+    Examples
+    --------
+    >>> import torch, invops
+    >>> x = torch.zeros(2, 3)
+    >>> y, logdet = invops.Identity()(x)
+    >>> y += 1.0
+    >>> float(x.abs().max())
+    0.0
+    """
 
     def _forward(self, x, *cond):
         return x, x.new_zeros(x.shape[0])

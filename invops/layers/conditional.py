@@ -94,6 +94,7 @@ class ConditionalLayerGlow(Chain):
             n_cond=1,
             cond_transform=cond_transform,
             ndim=ndim,
+            owner=type(self).__name__,
         )
         super().__init__(Conv1x1(n_in, freeze=freeze_conv), coupling, logdet=logdet)
 
@@ -200,6 +201,7 @@ class ConditionalLayerHINT(ConditionLane, Chain):
             n_cond=1,
             cond_transform=self_y_lane,
             ndim=ndim,
+            owner=type(self).__name__,
         )
         super().__init__(*x_lane, coupling, logdet=logdet)
         self.n_in, self.n_cond_channels, self.ndim = n_in, n_cond, ndim

@@ -61,6 +61,9 @@ class Coupling(InvertibleModule):
         Spatial dimensions of the input (0 for dense ``(B, C)``); None skips the rank check.
     logdet : bool
         Whether to report the log-determinant.
+    owner : str, optional
+        Name of the public layer built around this coupling (e.g. ``"CouplingLayerGlow"``),
+        used in error messages; default the class name.
 
     Notes
     -----
@@ -94,27 +97,27 @@ class Coupling(InvertibleModule):
         cond_transform: InvertibleModule | None = None,
         ndim: int | None = None,
         logdet: bool = True,
+        owner: str | None = None,
     ) -> None:
         super().__init__(logdet=logdet)
+        self.owner = owner = owner or type(self).__name__
         if kind not in _KINDS:
-            raise ValueError(f"Coupling: kind must be one of {_KINDS}, got {kind!r}")
+            raise ValueError(f"{owner}: kind must be one of {_KINDS}, got {kind!r}")
         if fixed not in _FIXED:
-            raise ValueError(f"Coupling: fixed must be one of {_FIXED}, got {fixed!r}")
+            raise ValueError(f"{owner}: fixed must be one of {_FIXED}, got {fixed!r}")
         low, high = float(scale[0]), float(scale[1])
         if not 0.0 <= low < 1.0 < high:
-            raise ValueError(
-                f"Coupling: scale bounds must satisfy 0 <= low < 1 < high, got {scale}"
-            )
+            raise ValueError(f"{owner}: scale bounds must satisfy 0 <= low < 1 < high, got {scale}")
         if fixed == "none":
             if n_cond < 1:
-                raise ValueError("Coupling: fixed='none' needs a condition (n_cond >= 1)")
+                raise ValueError(f"{owner}: fixed='none' needs a condition (n_cond >= 1)")
             n_first = 0
         else:
             if n_channels < 2:
-                raise ValueError(f"Coupling: needs at least 2 channels, got {n_channels}")
+                raise ValueError(f"{owner}: needs at least 2 channels, got {n_channels}")
             n_first = (n_channels + 1) // 2 if n_first is None else int(n_first)
             if not 0 < n_first < n_channels:
-                raise ValueError(f"Coupling: n_first must be in 1..{n_channels - 1}, got {n_first}")
+                raise ValueError(f"{owner}: n_first must be in 1..{n_channels - 1}, got {n_first}")
         self.n_channels, self.n_first, self.fixed, self.kind = n_channels, n_first, fixed, kind
         self.low, self.high = low, high
         self.n_cond = n_cond
@@ -136,7 +139,7 @@ class Coupling(InvertibleModule):
 
     def _validate(self, x, cond, inverse):
         name = "y" if inverse else "x"
-        owner = type(self).__name__
+        owner = self.owner
         if self.ndim is not None and x.ndim != self.ndim + 2:
             layout = "(B, C)" if self.ndim == 0 else f"(B, C, {', '.join('*' * self.ndim)})"
             raise ValueError(
@@ -182,8 +185,7 @@ class Coupling(InvertibleModule):
         expected = 2 * n if self.kind == "affine" else n
         if h.shape[1] != expected:
             raise ValueError(
-                f"{type(self).__name__}: the sub-network must return {expected} channels, "
-                f"got {h.shape[1]}"
+                f"{self.owner}: the sub-network must return {expected} channels, got {h.shape[1]}"
             )
         if self.kind == "affine":
             s, log_s = bounded_scale(h[:, :n], self.low, self.high)

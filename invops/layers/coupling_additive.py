@@ -55,7 +55,13 @@ class AdditiveCoupling(Chain):
         logdet: bool = True,
     ) -> None:
         first = Coupling(
-            n_channels, as_block(F), n_first=n_first, fixed="second", kind="additive", ndim=ndim
+            n_channels,
+            as_block(F),
+            n_first=n_first,
+            fixed="second",
+            kind="additive",
+            ndim=ndim,
+            owner=type(self).__name__,
         )
         second = Coupling(
             n_channels,
@@ -64,6 +70,7 @@ class AdditiveCoupling(Chain):
             fixed="first",
             kind="additive",
             ndim=ndim,
+            owner=type(self).__name__,
         )
         super().__init__(first, second, logdet=logdet)
 

@@ -92,6 +92,7 @@ class CouplingLayerGlow(Chain):
             kind="affine",
             scale=scale,
             ndim=ndim,
+            owner=type(self).__name__,
         )
         super().__init__(conv1x1, coupling, logdet=logdet)
 

@@ -113,6 +113,7 @@ class CouplingLayerHINT(Chain):
             kind="affine",
             scale=scale,
             ndim=ndim,
+            owner=type(self).__name__,
         )
         layers = [coupling]
         if n_in > recursion_threshold:

@@ -80,7 +80,13 @@ class CouplingLayerIRIM(Chain):
             )
         conv1x1 = Conv1x1(n_in, n_reflections=n_reflections)
         coupling = Coupling(
-            n_in, as_block(subnet), n_first=n_first, fixed="first", kind="additive", ndim=ndim
+            n_in,
+            as_block(subnet),
+            n_first=n_first,
+            fixed="first",
+            kind="additive",
+            ndim=ndim,
+            owner=type(self).__name__,
         )
         super().__init__(conv1x1, coupling, conv1x1.reverse(), logdet=logdet)
 

@@ -137,7 +137,15 @@ class HyperbolicLayer(Chain):
             layers.append(Parallel(HaarSqueeze().reverse(), HaarSqueeze().reverse(), sizes=(1, 1)))
         leapfrog = _Leapfrog(n_mid, n_hidden, k, s, p, alpha, activation, ndim)
         layers.append(
-            Coupling(2 * n_mid, leapfrog, n_first=n_mid, fixed="second", kind="negate", ndim=ndim)
+            Coupling(
+                2 * n_mid,
+                leapfrog,
+                n_first=n_mid,
+                fixed="second",
+                kind="negate",
+                ndim=ndim,
+                owner=type(self).__name__,
+            )
         )
         layers.append(_SwapHalves())
         super().__init__(*layers, logdet=logdet)

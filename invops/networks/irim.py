@@ -104,7 +104,9 @@ class _DataFitGradient(Block):
                 "NetworkLoop: no physics operator is bound (call through NetworkLoop)"
             )
         model = self.link(eta[:, 0])
-        grad = apply_adjoint(op, apply_operator(op, model) - d)
+        # the data and the model fix the shapes J and J^T must return, also for callables
+        residual = apply_operator(op, model, data_shape=d.shape[1:], data=d) - d
+        grad = apply_adjoint(op, residual, model_shape=model.shape[1:])
         grad = grad.reshape(eta.shape[0], 1, *eta.shape[2:]).to(eta.dtype)
         normalized, _ = self.normalize._forward(grad)
         zeros = normalized.new_zeros(eta.shape[0], self.n_memory - 1, *eta.shape[2:])
@@ -296,6 +298,11 @@ class NetworkLoop(torch.nn.Module):
             raise ValueError(
                 f"NetworkLoop: {names[0]} and {names[1]} must have the same batch size, "
                 f"got {eta_t.shape[0]} and {s_t.shape[0]}"
+            )
+        if eta_t.shape[0] == 0:
+            raise ValueError(
+                f"NetworkLoop: {names[0]} is an empty batch (shape {tuple(eta_t.shape)}); "
+                "expected at least one sample"
             )
         return kind, torch.cat((eta_t, s_t), dim=1)
 
