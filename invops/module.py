@@ -481,10 +481,10 @@ class InvertibleModule(torch.nn.Module):
             if self._use_bridge(x, cond):
                 from .autograd import apply_memory_free
 
-                y, logdet = apply_memory_free(self, x, cond, inverse)
+                y, logdet = apply_memory_free(self, x, cond, inverse)  # unaliased inside
             else:
                 y, logdet = (self._inverse if inverse else self._forward)(x, *cond)
-            y = _unaliased(y, x, *cond)
+                y = _unaliased(y, x, *cond)
         if not self.logdet:
             return from_torch(y, kind)
         return from_torch(y, kind), from_torch(logdet, kind)
