@@ -21,13 +21,13 @@ __all__ = ["apply_memory_free"]
 
 class _MemoryFreeFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, module, inverse, n_cond, x, *rest):
-        cond = rest[:n_cond]
+    def forward(ctx, module, inverse, n_conditions, x, *rest):
+        cond = rest[:n_conditions]
         out, logdet = (module._inverse if inverse else module._forward)(x, *cond)
         ctx.module = module
         ctx.inverse = inverse
-        ctx.n_params = len(rest) - n_cond
-        ctx.params = rest[n_cond:]
+        ctx.n_params = len(rest) - n_conditions
+        ctx.params = rest[n_conditions:]
         ctx.save_for_backward(out, *cond)
         return out, logdet
 

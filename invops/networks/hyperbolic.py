@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..layers.hyperbolic import HyperbolicLayer
+from ..layers.subnets import Subnet
 from ..module import Chain
 
 __all__ = ["NetworkHyperbolic"]
@@ -31,6 +32,9 @@ class NetworkHyperbolic(Chain):
         Nonlinearity (default ``torch.tanh``).
     ndim : int
         Spatial dimensions 1, 2 or 3.
+    subnet : factory, optional
+        Replaces every layer's :math:`\alpha K^T\sigma(K\,\cdot + b)` by a residual
+        function from ``subnet(c, c)`` (see :class:`~invops.HyperbolicLayer`).
     logdet : bool
         Whether to report the log-determinant (always 0).
 
@@ -62,6 +66,8 @@ class NetworkHyperbolic(Chain):
         alpha: float = 1.0,
         activation: Callable[[torch.Tensor], torch.Tensor] = torch.tanh,
         ndim: int = 2,
+        *,
+        subnet: Subnet | None = None,
         logdet: bool = True,
     ) -> None:
         if not architecture:
@@ -83,6 +89,7 @@ class NetworkHyperbolic(Chain):
                 p=p,
                 activation=activation,
                 ndim=ndim,
+                subnet=subnet,
             )
             layers.append(layer)
             channels = layer.n_out
