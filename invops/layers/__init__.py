@@ -5,6 +5,7 @@ from .affine import AffineLayer
 from .blocks import ConditionalResidualBlock, MLPBlock, ResidualBlock, TorchBlock
 from .conditional import ConditionalLayerGlow, ConditionalLayerHINT
 from .conv1x1 import Conv1x1
+from .conv1x1_lu import Conv1x1LU
 from .coupling import Coupling, bounded_scale
 from .coupling_additive import AdditiveCoupling
 from .coupling_basic import CouplingLayerBasic
@@ -21,6 +22,7 @@ __all__ = [
     "ConditionalLayerHINT",
     "ConditionalResidualBlock",
     "Conv1x1",
+    "Conv1x1LU",
     "Coupling",
     "CouplingLayerBasic",
     "CouplingLayerGlow",

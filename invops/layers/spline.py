@@ -1,0 +1,393 @@
+"""Monotone rational-quadratic spline coupling law (Neural Spline Flows)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["Spline"]
+
+Tensor = torch.Tensor
+
+
+class Spline:
+    r"""Element-wise monotone rational-quadratic spline with identity tails.
+
+    The coupling law of Neural Spline Flows (Durkan, Bekasov, Murray and Papamakarios, 2019):
+    every transformed element gets its own spline, parametrised by the conditioner output.
+
+    Parameters
+    ----------
+    bins : int
+        Number of bins :math:`K` (at least 2).
+    bound : float
+        The spline acts on :math:`[-B, B]`; outside it the law is the identity.
+    min_bin_width, min_bin_height : float
+        Smallest bin width and height, as fractions of :math:`2B` (``0 <= m`` and
+        ``m * bins < 1``).
+    min_derivative : float
+        Smallest knot derivative, ``0 <= min_derivative < 1``.
+
+    Attributes
+    ----------
+    n_params : int
+        Conditioner output channels per transformed channel, :math:`3K - 1`.
+
+    Notes
+    -----
+    **Parameters.** For ``x`` of shape ``(B, n, *spatial)`` the conditioner output ``h`` has
+    ``n_params * n`` channels in parameter-major order: channel ``k * n + c`` is parameter
+    ``k`` of channel ``c`` (``h.view(B, n_params, n, *spatial)``). Parameters ``0..K-1`` are
+    the width logits :math:`u^w`, ``K..2K-1`` the height logits :math:`u^h` and
+    ``2K..3K-2`` the logits :math:`u^d` of the ``K-1`` interior knot derivatives. With
+    :math:`p = \mathrm{softmax}(u^w)` and :math:`m` the minimum width,
+
+    .. math::
+        w_k = 2B\,\bigl(m + (1 - mK)\,p_k\bigr), \qquad
+        \delta_k = \delta_{\min} + \mathrm{softplus}(u^d_k + c), \qquad
+        c = \log\bigl(e^{1 - \delta_{\min}} - 1\bigr),
+
+    and the heights :math:`h_k` likewise. The knots are :math:`x_0 = -B`,
+    :math:`x_k = x_0 + \sum_{j<k} w_j`, :math:`x_K = B` (and :math:`y_k` from the heights); the
+    boundary derivatives are :math:`\delta_0 = \delta_K = 1`, so value and slope are continuous
+    where the identity tails begin. The offset :math:`c` gives :math:`\delta_k = 1` at
+    :math:`u^d = 0`, and zero logits give uniform bins with :math:`w_k = h_k`: a conditioner
+    whose last layer is zero makes the law the identity, exactly in floating point (the
+    formulas below are arranged so that every deviation term vanishes there).
+
+    **Map.** In bin :math:`k`, with :math:`s = h_k / w_k`, :math:`\theta = (x - x_k) / w_k`,
+    :math:`\eta = 1 - \theta`, :math:`a = \delta_k - s` and :math:`b = \delta_{k+1} - s`,
+
+    .. math::
+        y = y_k + h_k\,\frac{\theta\,(s + a\eta)}{D}, \qquad D = s + (a + b)\,\theta\eta,
+        \qquad
+        \log\frac{dy}{dx} = \log\bigl(\delta_{k+1}\theta^2 + 2s\theta\eta + \delta_k\eta^2\bigr)
+        + 2 \log\frac{s}{D},
+
+    which is the rational-quadratic spline of the paper. ``y`` is evaluated as the deviation
+    from :math:`x + (y_k - x_k)`, which is exactly zero for the identity spline.
+
+    **Inverse.** :math:`\theta` solves :math:`\alpha\theta^2 + \beta\theta - s\Delta = 0` with
+    :math:`\Delta = y - y_k`, :math:`\alpha = \Delta(a + b) - h_k a` and
+    :math:`\beta = h_k\delta_k - \Delta(a + b)`; the root in :math:`[0, 1]` is
+    :math:`\theta = 2s\Delta / (\beta + \sqrt{\beta^2 + 4\alpha s\Delta})` (the paper's stable
+    form) where :math:`\beta \ge 0`, and the algebraically equal
+    :math:`(\sqrt{\beta^2 + 4\alpha s\Delta} - \beta) / (2\alpha)` where :math:`\beta < 0`,
+    which avoids the cancellation of the first form there.
+
+    Inputs with :math:`|x| \ge B` (including :math:`\pm B` itself, where both branches agree)
+    pass unchanged with log-slope 0. The log-determinant of ``forward`` is the sum of the
+    element-wise log-slopes over all non-batch dimensions; ``inverse`` returns its negative.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from invops.layers.spline import Spline
+    >>> law = Spline(bins=4, bound=2.0)
+    >>> law.n_params
+    11
+    >>> x = torch.linspace(-3, 3, 13, dtype=torch.float64).reshape(1, 13)
+    >>> y, logdet = law.forward(x, torch.zeros(1, law.n_params * 13, dtype=torch.float64))
+    >>> torch.equal(y, x), logdet.item()
+    (True, 0.0)
+    >>> h = 2 * torch.randn(1, law.n_params * 13, dtype=torch.float64)
+    >>> y, logdet = law.forward(x, h)
+    >>> x_back, logdet_inv = law.inverse(y, h)
+    >>> torch.allclose(x_back, x), torch.allclose(logdet_inv, -logdet)
+    (True, True)
+    """
+
+    def __init__(
+        self,
+        bins: int = 8,
+        bound: float = 3.0,
+        min_bin_width: float = 1e-3,
+        min_bin_height: float = 1e-3,
+        min_derivative: float = 1e-3,
+    ) -> None:
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
+            raise ValueError(f"Spline: bins must be an integer >= 2, got {bins!r}")
+        bound = float(bound)
+        if not (math.isfinite(bound) and bound > 0):
+            raise ValueError(f"Spline: bound must be finite and > 0, got {bound}")
+        for name, m in (("min_bin_width", min_bin_width), ("min_bin_height", min_bin_height)):
+            if not 0.0 <= float(m) < 1.0 / bins:
+                raise ValueError(
+                    f"Spline: {name} must satisfy 0 <= {name} < 1 / bins = {1.0 / bins:.4g}, "
+                    f"got {m}"
+                )
+        if not 0.0 <= float(min_derivative) < 1.0:
+            raise ValueError(
+                f"Spline: min_derivative must satisfy 0 <= min_derivative < 1, got {min_derivative}"
+            )
+        self.bins = bins
+        self.bound = bound
+        self.min_bin_width = float(min_bin_width)
+        self.min_bin_height = float(min_bin_height)
+        self.min_derivative = float(min_derivative)
+        self.n_params = 3 * bins - 1
+        # softplus(offset) = 1 - min_derivative, so a zero logit gives derivative 1
+        self.offset = math.log(math.expm1(1.0 - self.min_derivative))
+        self._sigmoid_offset = -math.expm1(self.min_derivative - 1.0)  # sigmoid(offset)
+        self._size_scales = (1.0 - self.min_bin_width * bins, 1.0 - self.min_bin_height * bins)
+
+    def __repr__(self) -> str:
+        return (
+            f"Spline(bins={self.bins}, bound={self.bound}, min_bin_width={self.min_bin_width}, "
+            f"min_bin_height={self.min_bin_height}, min_derivative={self.min_derivative})"
+        )
+
+    # ------------------------------------------------------------------ public law interface
+    def forward(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Apply the splines: ``(y, logdet)`` with ``logdet`` of shape ``(B,)``."""
+        n = self._check(x, h, "x")
+        inside = x.abs() < self.bound
+        # outside points are evaluated at 0 and discarded: finite values keep gradients clean
+        xs = torch.where(inside, x, 0.0)
+        table = self._table(h, n)
+        values, _ = self._bin_values(table, xs, row=0)
+        y_in, log_slope, _ = _rq_forward(xs, *values)
+        y = torch.where(inside, y_in, x)
+        return y, _per_sample(torch.where(inside, log_slope, 0.0))
+
+    def inverse(self, y: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Invert the splines: ``(x, logdet_inv)`` with ``logdet_inv = -logdet(x)``."""
+        n = self._check(y, h, "y")
+        inside = y.abs() < self.bound
+        ys = torch.where(inside, y, 0.0)
+        table = self._table(h, n)
+        values, _ = self._bin_values(table, ys, row=1)
+        x_in, log_slope = _rq_inverse(ys, *values)
+        x = torch.where(inside, x_in, y)
+        return x, -_per_sample(torch.where(inside, log_slope, 0.0))
+
+    def tangent(
+        self, x: Tensor, h: Tensor, dx: Tensor | None, dh: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Forward map and its directional derivative: ``(y, dy, logdet, dlogdet)``.
+
+        Hand-derived (no dual tensors); ``dx`` or ``dh`` may be None, meaning zero.
+        """
+        n = self._check(x, h, "x")
+        for name, d, ref in (("dx", dx, x), ("dh", dh, h)):
+            if d is not None and d.shape != ref.shape:
+                raise ValueError(
+                    f"Spline: {name} must have the shape of {name[1:]}, {tuple(ref.shape)}, "
+                    f"got {tuple(d.shape)}"
+                )
+        dx = torch.zeros_like(x) if dx is None else dx
+        inside = x.abs() < self.bound
+        xs = torch.where(inside, x, 0.0)
+        table = self._table(h, n)
+        values, index = self._bin_values(table, xs, row=0)
+        y_in, log_slope, state = _rq_forward(xs, *values)
+        if dh is None:
+            dy_in, dlog_slope = _rq_tangent_input(dx, values, state)
+        else:
+            dvalues = self._table_tangent(h, dh, n).gather(2, index).unbind(1)
+            dvalues = tuple(v for pair in dvalues for v in pair.unbind(1))
+            dy_in, dlog_slope = _rq_tangent(dx, values, dvalues, state)
+        y = torch.where(inside, y_in, x)
+        dy = torch.where(inside, dy_in, dx)
+        logdet = _per_sample(torch.where(inside, log_slope, 0.0))
+        dlogdet = _per_sample(torch.where(inside, dlog_slope, 0.0))
+        return y, dy, logdet, dlogdet
+
+    # ------------------------------------------------------------------ parametrisation
+    def _check(self, x: Tensor, h: Tensor, name: str) -> int:
+        if x.ndim < 2:
+            raise ValueError(
+                f"Spline: {name} must have layout (B, n, *spatial), got shape {tuple(x.shape)}"
+            )
+        n = x.shape[1]
+        expected = (x.shape[0], self.n_params * n, *x.shape[2:])
+        if tuple(h.shape) != expected:
+            raise ValueError(
+                f"Spline: h must have shape {expected} (n_params * n = {self.n_params} * {n} "
+                f"= {self.n_params * n} channels for {name} of shape {tuple(x.shape)}), "
+                f"got {tuple(h.shape)} ({h.shape[1] if h.ndim > 1 else 'no'} channels)"
+            )
+        if h.dtype != x.dtype:
+            raise TypeError(f"Spline: h must have the dtype of {name}, {x.dtype}, got {h.dtype}")
+        return n
+
+    def _split(self, h: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """Width and height logits ``(B, 2, K, n, ...)`` and derivative logits ``(B, K-1, ...)``."""
+        k = self.bins
+        hv = h.unflatten(1, (self.n_params, n))
+        return hv[:, : 2 * k].unflatten(1, (2, k)), hv[:, 2 * k :]
+
+    def _scale_sizes(self, t: Tensor) -> Tensor:
+        sw, sh = self._size_scales
+        if sw == sh:
+            return t * sw
+        return t * t.new_tensor(self._size_scales).view(1, 2, *([1] * (t.ndim - 2)))
+
+    def _derivative_excess(self, u: Tensor) -> Tensor:
+        """:math:`\\delta - 1 = \\mathrm{softplus}(u + c) - \\mathrm{softplus}(c)`, exactly 0 at 0.
+
+        Evaluated as ``log1p(sigmoid(c) * expm1(u))`` for ``u <= 0`` and
+        ``u + log1p((1 - sigmoid(c)) * expm1(-u))`` for ``u > 0``: no overflow, and the
+        derivative at ``u = 0`` is ``sigmoid(c)`` (the ``u <= 0`` branch is taken there).
+        """
+        sig = self._sigmoid_offset
+        negative = u <= 0
+        e = torch.expm1(torch.where(negative, u, -u))
+        return torch.relu(u) + torch.log1p(torch.where(negative, sig * e, (1.0 - sig) * e))
+
+    def _table(self, h: Tensor, n: int) -> Tensor:
+        """Knot table ``(B, 3, K + 1, n, ...)``: x-knots, y-knots and knot derivatives."""
+        size_logits, derivative_logits = self._split(h, n)
+        k = self.bins
+        p = torch.softmax(size_logits, dim=2)
+        # 1/K + scale * (p - 1/K) = m + (1 - mK) p; exactly 1/K for zero logits
+        sizes = self._scale_sizes(p - 1.0 / k) + 1.0 / k
+        knots = torch.cumsum(sizes, dim=2)[:, :, :-1] * (2.0 * self.bound) - self.bound
+        derivatives = 1.0 + self._derivative_excess(derivative_logits)
+        interior = torch.cat([knots, derivatives.unsqueeze(1)], dim=1)
+        return self._with_edges(interior, (-self.bound, 1.0), (self.bound, 1.0))
+
+    def _table_tangent(self, h: Tensor, dh: Tensor, n: int) -> Tensor:
+        """Directional derivative of :meth:`_table` along ``dh``."""
+        size_logits, derivative_logits = self._split(h, n)
+        dsize_logits, dderivative_logits = self._split(dh, n)
+        p = torch.softmax(size_logits, dim=2)
+        dp = p * (dsize_logits - (p * dsize_logits).sum(dim=2, keepdim=True))
+        dknots = torch.cumsum(self._scale_sizes(dp), dim=2)[:, :, :-1] * (2.0 * self.bound)
+        dderivatives = torch.sigmoid(derivative_logits + self.offset) * dderivative_logits
+        interior = torch.cat([dknots, dderivatives.unsqueeze(1)], dim=1)
+        return self._with_edges(interior, (0.0, 0.0), (0.0, 0.0))
+
+    @staticmethod
+    def _with_edges(
+        interior: Tensor, low: tuple[float, float], high: tuple[float, float]
+    ) -> Tensor:
+        """Add the first and last knot (value for the two knot rows, then the derivative)."""
+        edge = interior[:, :, :1]
+
+        def column(values):
+            knot = torch.full_like(edge[:, :2], values[0])
+            return torch.cat([knot, torch.full_like(edge[:, 2:], values[1])], dim=1)
+
+        return torch.cat([column(low), interior, column(high)], dim=2)
+
+    def _bin_values(self, table: Tensor, v: Tensor, row: int) -> tuple[tuple[Tensor, ...], Tensor]:
+        """Per-element ``(x_k, x_k+1, y_k, y_k+1, delta_k, delta_k+1)`` of the bin holding ``v``.
+
+        ``row`` selects the knots searched (0: x, forward; 1: y, inverse). Returns the gather
+        index as well, for the tangent table.
+        """
+        interior_knots = table[:, row, 1 : self.bins]
+        k = (v.unsqueeze(1) >= interior_knots).sum(dim=1, keepdim=True)
+        index = torch.cat([k, k + 1], dim=1).unsqueeze(1).expand(-1, 3, *([-1] * v.ndim))
+        gathered = table.gather(2, index)
+        values = tuple(t for pair in gathered.unbind(1) for t in pair.unbind(1))
+        return values, index
+
+
+# ---------------------------------------------------------------------- element-wise math
+def _per_sample(t: Tensor) -> Tensor:
+    return t.flatten(1).sum(1)
+
+
+def _log_slope(theta, eta, tt, s, dk, dk1, d):
+    """:math:`\\log(\\delta_{k+1}\\theta^2 + 2s\\theta\\eta + \\delta_k\\eta^2) + 2\\log(s/D)`.
+
+    The first factor is 1 plus a deviation that vanishes for the identity spline; that form is
+    used while its terms are small (no cancellation), the all-positive form otherwise.
+    """
+    sm1 = s - 1.0
+    near = (dk - 1.0).abs() + (dk1 - 1.0).abs() + 2.0 * sm1.abs() < 0.5
+    theta2, eta2 = theta * theta, eta * eta
+    m_near = 1.0 + ((dk1 - 1.0) * theta2 + 2.0 * sm1 * tt + (dk - 1.0) * eta2)
+    m_far = dk1 * theta2 + 2.0 * s * tt + dk * eta2
+    m = torch.where(near, m_near, m_far)
+    return torch.log(m) + 2.0 * torch.log(s / d), m
+
+
+def _rq_forward(x, xk, xk1, yk, yk1, dk, dk1):
+    wk = xk1 - xk
+    hk = yk1 - yk
+    s = hk / wk
+    rel = x - xk
+    theta = rel / wk
+    eta = 1.0 - theta
+    a = dk - s
+    b = dk1 - s
+    tt = theta * eta
+    d = s + (a + b) * tt
+    # y - y_k - (x - x_k) = (x - x_k) (s (s + a eta) - D) / D
+    deviation = s * (s - 1.0) + eta * (a * (s - theta) - b * theta)
+    y = x + (yk - xk) + rel * deviation / d
+    log_slope, m = _log_slope(theta, eta, tt, s, dk, dk1, d)
+    return y, log_slope, (wk, hk, s, theta, eta, a, b, tt, d, m)
+
+
+def _rq_tangent_input(dx, values, state):
+    """Tangent along ``dx`` only (fixed spline parameters)."""
+    _, _, _, _, dk, dk1 = values
+    wk, _, s, theta, eta, a, b, tt, d, m = state
+    dtheta = dx / wk
+    slope = m * (s / d) ** 2
+    dm = 2.0 * (dk1 * theta + s * (eta - theta) - dk * eta) * dtheta
+    dd = (a + b) * (eta - theta) * dtheta
+    return slope * dx, dm / m - 2.0 * dd / d
+
+
+def _rq_tangent(dx, values, dvalues, state):
+    """Tangent along ``dx`` and the tangents of the bin values."""
+    xk, xk1, yk, yk1, dk, dk1 = values
+    dxk, dxk1, dyk, dyk1, ddk, ddk1 = dvalues
+    wk, hk, s, theta, eta, a, b, tt, d, m = state
+    dwk = dxk1 - dxk
+    dhk = dyk1 - dyk
+    ds = (dhk - s * dwk) / wk
+    dtheta = (dx - dxk - theta * dwk) / wk
+    da = ddk - ds
+    db = ddk1 - ds
+    dtt = (eta - theta) * dtheta
+    dd = ds + (da + db) * tt + (a + b) * dtt
+    inner = s + a * eta
+    ratio = theta * inner / d
+    dratio = (dtheta * inner + theta * (ds + da * eta - a * dtheta) - ratio * dd) / d
+    dy = dyk + dhk * ratio + hk * dratio
+    dm = (
+        ddk1 * theta * theta
+        + 2.0 * (dk1 * theta - dk * eta) * dtheta
+        + 2.0 * (ds * tt + s * dtt)
+        + ddk * eta * eta
+    )
+    return dy, dm / m + 2.0 * (ds / s - dd / d)
+
+
+def _rq_inverse(y, xk, xk1, yk, yk1, dk, dk1):
+    wk = xk1 - xk
+    hk = yk1 - yk
+    s = hk / wk
+    a = dk - s
+    b = dk1 - s
+    delta = y - yk
+    ab = a + b
+    beta = hk * dk - delta * ab
+    alpha = delta * ab - hk * a
+    root = torch.sqrt(beta * beta + 4.0 * s * alpha * delta)
+    negative = beta < 0
+    # each branch sees safe values where it is not selected, so no inf/nan reaches a gradient
+    denom = torch.where(negative, 1.0, beta + root)
+    alpha_safe = torch.where(negative, alpha, 1.0)
+    theta_pos = 2.0 * s * delta / denom
+    theta_neg = (root - beta) / (2.0 * alpha_safe)
+    theta = torch.where(negative, theta_neg, theta_pos)
+    # beta >= 0: x - x_k - (y - y_k) = (y - y_k) (2 h_k - beta - root) / (beta + root), which is
+    # exactly zero for the identity spline
+    x = torch.where(
+        negative,
+        xk + wk * theta_neg,
+        y + (xk - yk) + delta * (2.0 * hk - beta - root) / denom,
+    )
+    eta = 1.0 - theta
+    tt = theta * eta
+    d = s + ab * tt
+    log_slope, _ = _log_slope(theta, eta, tt, s, dk, dk1, d)
+    return x, log_slope
