@@ -65,8 +65,14 @@ class Spline:
         \log\frac{dy}{dx} = \log\bigl(\delta_{k+1}\theta^2 + 2s\theta\eta + \delta_k\eta^2\bigr)
         + 2 \log\frac{s}{D},
 
-    which is the rational-quadratic spline of the paper. ``y`` is evaluated as the deviation
-    from :math:`x + (y_k - x_k)`, which is exactly zero for the identity spline.
+    which is the rational-quadratic spline of the paper. In bins close to the identity
+    (:math:`|\delta_k - 1| + |\delta_{k+1} - 1| + 2|s - 1| < 1/2`), ``y`` and the first factor
+    of the slope are evaluated as :math:`x + (y_k - x_k)` and 1 plus deviation terms that are
+    all exactly zero for the identity spline (and small there, so nothing cancels); elsewhere
+    the all-positive forms above keep full relative accuracy in flat and steep bins. Both are
+    the same function, so derivatives do not depend on the choice. :math:`\delta_k - 1` is
+    evaluated as :math:`\log(1 + \sigma(c)(e^{u} - 1))`, equal to
+    :math:`\mathrm{softplus}(u + c) - \mathrm{softplus}(c)` and exactly 0 at :math:`u = 0`.
 
     **Inverse.** :math:`\theta` solves :math:`\alpha\theta^2 + \beta\theta - s\Delta = 0` with
     :math:`\Delta = y - y_k`, :math:`\alpha = \Delta(a + b) - h_k a` and
@@ -74,7 +80,8 @@ class Spline:
     :math:`\theta = 2s\Delta / (\beta + \sqrt{\beta^2 + 4\alpha s\Delta})` (the paper's stable
     form) where :math:`\beta \ge 0`, and the algebraically equal
     :math:`(\sqrt{\beta^2 + 4\alpha s\Delta} - \beta) / (2\alpha)` where :math:`\beta < 0`,
-    which avoids the cancellation of the first form there.
+    which avoids the cancellation of the first form there. Near the identity, ``x`` is again
+    :math:`y + (x_k - y_k)` plus a deviation that vanishes for the identity spline.
 
     Inputs with :math:`|x| \ge B` (including :math:`\pm B` itself, where both branches agree)
     pass unchanged with log-slope 0. The log-determinant of ``forward`` is the sum of the
@@ -145,8 +152,9 @@ class Spline:
         inside = x.abs() < self.bound
         # outside points are evaluated at 0 and discarded: finite values keep gradients clean
         xs = torch.where(inside, x, 0.0)
-        table = self._table(h, n)
-        values, _ = self._bin_values(table, xs, row=0)
+        knots, derivatives, _ = self._knots(h, n)
+        position = self._locate(knots, xs, row=0)
+        values = self._bin_values(knots, derivatives, position, self._edges)
         y_in, log_slope, _ = _rq_forward(xs, *values)
         y = torch.where(inside, y_in, x)
         return y, _per_sample(torch.where(inside, log_slope, 0.0))
@@ -156,8 +164,9 @@ class Spline:
         n = self._check(y, h, "y")
         inside = y.abs() < self.bound
         ys = torch.where(inside, y, 0.0)
-        table = self._table(h, n)
-        values, _ = self._bin_values(table, ys, row=1)
+        knots, derivatives, _ = self._knots(h, n)
+        position = self._locate(knots, ys, row=1)
+        values = self._bin_values(knots, derivatives, position, self._edges)
         x_in, log_slope = _rq_inverse(ys, *values)
         x = torch.where(inside, x_in, y)
         return x, -_per_sample(torch.where(inside, log_slope, 0.0))
@@ -179,14 +188,15 @@ class Spline:
         dx = torch.zeros_like(x) if dx is None else dx
         inside = x.abs() < self.bound
         xs = torch.where(inside, x, 0.0)
-        table = self._table(h, n)
-        values, index = self._bin_values(table, xs, row=0)
+        knots, derivatives, saved = self._knots(h, n)
+        position = self._locate(knots, xs, row=0)
+        values = self._bin_values(knots, derivatives, position, self._edges)
         y_in, log_slope, state = _rq_forward(xs, *values)
         if dh is None:
             dy_in, dlog_slope = _rq_tangent_input(dx, values, state)
         else:
-            dvalues = self._table_tangent(h, dh, n).gather(2, index).unbind(1)
-            dvalues = tuple(v for pair in dvalues for v in pair.unbind(1))
+            dknots, dderivatives = self._knots_tangent(saved, dh, n)
+            dvalues = self._bin_values(dknots, dderivatives, position, (0.0, 0.0, 0.0))
             dy_in, dlog_slope = _rq_tangent(dx, values, dvalues, state)
         y = torch.where(inside, y_in, x)
         dy = torch.where(inside, dy_in, dx)
@@ -227,63 +237,75 @@ class Spline:
     def _derivative_excess(self, u: Tensor) -> Tensor:
         """:math:`\\delta - 1 = \\mathrm{softplus}(u + c) - \\mathrm{softplus}(c)`, exactly 0 at 0.
 
-        Evaluated as ``log1p(sigmoid(c) * expm1(u))`` for ``u <= 0`` and
-        ``u + log1p((1 - sigmoid(c)) * expm1(-u))`` for ``u > 0``: no overflow, and the
-        derivative at ``u = 0`` is ``sigmoid(c)`` (the ``u <= 0`` branch is taken there).
+        Evaluated as ``log1p(sigmoid(c) * expm1(u))``, an identity, which is exactly 0 at
+        ``u = 0``. Above ``u = 40`` it continues linearly (``expm1`` would overflow in float32),
+        which differs from the softplus by :math:`e^{-40 - c} < 10^{-17}`.
         """
-        sig = self._sigmoid_offset
-        negative = u <= 0
-        e = torch.expm1(torch.where(negative, u, -u))
-        return torch.relu(u) + torch.log1p(torch.where(negative, sig * e, (1.0 - sig) * e))
+        cap = 40.0
+        excess = torch.log1p(self._sigmoid_offset * torch.expm1(u.clamp(max=cap)))
+        return excess + torch.relu(u - cap)
 
-    def _table(self, h: Tensor, n: int) -> Tensor:
-        """Knot table ``(B, 3, K + 1, n, ...)``: x-knots, y-knots and knot derivatives."""
+    def _knots(self, h: Tensor, n: int) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+        """Interior knots ``(B, 2, K-1, n, ...)`` (x, then y) and derivatives ``(B, K-1, ...)``.
+
+        Also returns the softmax and the derivative logits, which the tangent reuses.
+        """
         size_logits, derivative_logits = self._split(h, n)
         k = self.bins
         p = torch.softmax(size_logits, dim=2)
         # 1/K + scale * (p - 1/K) = m + (1 - mK) p; exactly 1/K for zero logits
-        sizes = self._scale_sizes(p - 1.0 / k) + 1.0 / k
-        knots = torch.cumsum(sizes, dim=2)[:, :, :-1] * (2.0 * self.bound) - self.bound
+        sizes = self._scale_sizes(p[:, :, :-1] - 1.0 / k) + 1.0 / k
+        knots = torch.cumsum(sizes, dim=2) * (2.0 * self.bound) - self.bound
         derivatives = 1.0 + self._derivative_excess(derivative_logits)
-        interior = torch.cat([knots, derivatives.unsqueeze(1)], dim=1)
-        return self._with_edges(interior, (-self.bound, 1.0), (self.bound, 1.0))
+        return knots, derivatives, (p, derivative_logits)
 
-    def _table_tangent(self, h: Tensor, dh: Tensor, n: int) -> Tensor:
-        """Directional derivative of :meth:`_table` along ``dh``."""
-        size_logits, derivative_logits = self._split(h, n)
+    def _knots_tangent(
+        self, saved: tuple[Tensor, Tensor], dh: Tensor, n: int
+    ) -> tuple[Tensor, Tensor]:
+        """Directional derivative of :meth:`_knots` along ``dh``."""
+        p, derivative_logits = saved
         dsize_logits, dderivative_logits = self._split(dh, n)
-        p = torch.softmax(size_logits, dim=2)
         dp = p * (dsize_logits - (p * dsize_logits).sum(dim=2, keepdim=True))
-        dknots = torch.cumsum(self._scale_sizes(dp), dim=2)[:, :, :-1] * (2.0 * self.bound)
+        dknots = torch.cumsum(self._scale_sizes(dp[:, :, :-1]), dim=2) * (2.0 * self.bound)
         dderivatives = torch.sigmoid(derivative_logits + self.offset) * dderivative_logits
-        interior = torch.cat([dknots, dderivatives.unsqueeze(1)], dim=1)
-        return self._with_edges(interior, (0.0, 0.0), (0.0, 0.0))
+        return dknots, dderivatives
+
+    @property
+    def _edges(self) -> tuple[float, float, float]:
+        """First knot, last knot (both rows) and the derivative at both ends."""
+        return (-self.bound, self.bound, 1.0)
+
+    def _locate(self, knots: Tensor, v: Tensor, row: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Bin of every element of ``v`` among the knots of ``row`` (0: x, 1: y).
+
+        Returns the interior-knot indices of the bin's left and right ends ``(B, 2, n, ...)``
+        (clamped; the ends that are the first or last knot are masked) and those two masks.
+        """
+        k = (v.unsqueeze(1) >= knots[:, row]).sum(dim=1, keepdim=True)
+        ends = torch.cat([(k - 1).clamp(min=0), k.clamp(max=self.bins - 2)], dim=1)
+        k = k.squeeze(1)
+        return ends, k == 0, k == self.bins - 1
 
     @staticmethod
-    def _with_edges(
-        interior: Tensor, low: tuple[float, float], high: tuple[float, float]
-    ) -> Tensor:
-        """Add the first and last knot (value for the two knot rows, then the derivative)."""
-        edge = interior[:, :, :1]
-
-        def column(values):
-            knot = torch.full_like(edge[:, :2], values[0])
-            return torch.cat([knot, torch.full_like(edge[:, 2:], values[1])], dim=1)
-
-        return torch.cat([column(low), interior, column(high)], dim=2)
-
-    def _bin_values(self, table: Tensor, v: Tensor, row: int) -> tuple[tuple[Tensor, ...], Tensor]:
-        """Per-element ``(x_k, x_k+1, y_k, y_k+1, delta_k, delta_k+1)`` of the bin holding ``v``.
-
-        ``row`` selects the knots searched (0: x, forward; 1: y, inverse). Returns the gather
-        index as well, for the tangent table.
-        """
-        interior_knots = table[:, row, 1 : self.bins]
-        k = (v.unsqueeze(1) >= interior_knots).sum(dim=1, keepdim=True)
-        index = torch.cat([k, k + 1], dim=1).unsqueeze(1).expand(-1, 3, *([-1] * v.ndim))
-        gathered = table.gather(2, index)
-        values = tuple(t for pair in gathered.unbind(1) for t in pair.unbind(1))
-        return values, index
+    def _bin_values(
+        knots: Tensor,
+        derivatives: Tensor,
+        position: tuple[Tensor, Tensor, Tensor],
+        edges: tuple[float, float, float],
+    ) -> tuple[Tensor, ...]:
+        """``(x_k, x_k+1, y_k, y_k+1, delta_k, delta_k+1)`` per element, edges filled in."""
+        ends, first, last = position
+        low, high, slope = edges
+        at_knots = knots.gather(2, ends.unsqueeze(1).expand(-1, 2, *([-1] * (ends.ndim - 1))))
+        at_derivatives = derivatives.gather(1, ends)
+        return (
+            torch.where(first, low, at_knots[:, 0, 0]),
+            torch.where(last, high, at_knots[:, 0, 1]),
+            torch.where(first, low, at_knots[:, 1, 0]),
+            torch.where(last, high, at_knots[:, 1, 1]),
+            torch.where(first, slope, at_derivatives[:, 0]),
+            torch.where(last, slope, at_derivatives[:, 1]),
+        )
 
 
 # ---------------------------------------------------------------------- element-wise math
@@ -291,16 +313,20 @@ def _per_sample(t: Tensor) -> Tensor:
     return t.flatten(1).sum(1)
 
 
-def _log_slope(theta, eta, tt, s, dk, dk1, d):
-    """:math:`\\log(\\delta_{k+1}\\theta^2 + 2s\\theta\\eta + \\delta_k\\eta^2) + 2\\log(s/D)`.
+def _near_identity(s, dk, dk1):
+    """Bins whose slope and knot derivatives are all close to 1.
 
-    The first factor is 1 plus a deviation that vanishes for the identity spline; that form is
-    used while its terms are small (no cancellation), the all-positive form otherwise.
+    There the map is evaluated as the identity plus terms that vanish exactly for the identity
+    spline (and, being small, lose nothing to cancellation); elsewhere the usual all-positive
+    forms are used. Both are the same function, so gradients are unaffected by the choice.
     """
-    sm1 = s - 1.0
-    near = (dk - 1.0).abs() + (dk1 - 1.0).abs() + 2.0 * sm1.abs() < 0.5
+    return (dk - 1.0).abs() + (dk1 - 1.0).abs() + 2.0 * (s - 1.0).abs() < 0.5
+
+
+def _log_slope(theta, eta, tt, s, dk, dk1, d, near):
+    """:math:`\\log(\\delta_{k+1}\\theta^2 + 2s\\theta\\eta + \\delta_k\\eta^2) + 2\\log(s/D)`."""
     theta2, eta2 = theta * theta, eta * eta
-    m_near = 1.0 + ((dk1 - 1.0) * theta2 + 2.0 * sm1 * tt + (dk - 1.0) * eta2)
+    m_near = 1.0 + ((dk1 - 1.0) * theta2 + 2.0 * (s - 1.0) * tt + (dk - 1.0) * eta2)
     m_far = dk1 * theta2 + 2.0 * s * tt + dk * eta2
     m = torch.where(near, m_near, m_far)
     return torch.log(m) + 2.0 * torch.log(s / d), m
@@ -317,17 +343,20 @@ def _rq_forward(x, xk, xk1, yk, yk1, dk, dk1):
     b = dk1 - s
     tt = theta * eta
     d = s + (a + b) * tt
-    # y - y_k - (x - x_k) = (x - x_k) (s (s + a eta) - D) / D
+    near = _near_identity(s, dk, dk1)
+    inner = s + a * eta
+    ratio = theta * inner / d
+    # near the identity: y - y_k - (x - x_k) = (x - x_k) (s (s + a eta) - D) / D
     deviation = s * (s - 1.0) + eta * (a * (s - theta) - b * theta)
-    y = x + (yk - xk) + rel * deviation / d
-    log_slope, m = _log_slope(theta, eta, tt, s, dk, dk1, d)
-    return y, log_slope, (wk, hk, s, theta, eta, a, b, tt, d, m)
+    y = torch.where(near, x + (yk - xk) + rel * deviation / d, yk + hk * ratio)
+    log_slope, m = _log_slope(theta, eta, tt, s, dk, dk1, d, near)
+    return y, log_slope, (wk, hk, s, theta, eta, a, b, tt, d, m, inner, ratio)
 
 
 def _rq_tangent_input(dx, values, state):
     """Tangent along ``dx`` only (fixed spline parameters)."""
     _, _, _, _, dk, dk1 = values
-    wk, _, s, theta, eta, a, b, tt, d, m = state
+    wk, _, s, theta, eta, a, b, tt, d, m, _, _ = state
     dtheta = dx / wk
     slope = m * (s / d) ** 2
     dm = 2.0 * (dk1 * theta + s * (eta - theta) - dk * eta) * dtheta
@@ -339,7 +368,7 @@ def _rq_tangent(dx, values, dvalues, state):
     """Tangent along ``dx`` and the tangents of the bin values."""
     xk, xk1, yk, yk1, dk, dk1 = values
     dxk, dxk1, dyk, dyk1, ddk, ddk1 = dvalues
-    wk, hk, s, theta, eta, a, b, tt, d, m = state
+    wk, hk, s, theta, eta, a, b, tt, d, m, inner, ratio = state
     dwk = dxk1 - dxk
     dhk = dyk1 - dyk
     ds = (dhk - s * dwk) / wk
@@ -348,8 +377,6 @@ def _rq_tangent(dx, values, dvalues, state):
     db = ddk1 - ds
     dtt = (eta - theta) * dtheta
     dd = ds + (da + db) * tt + (a + b) * dtt
-    inner = s + a * eta
-    ratio = theta * inner / d
     dratio = (dtheta * inner + theta * (ds + da * eta - a * dtheta) - ratio * dd) / d
     dy = dyk + dhk * ratio + hk * dratio
     dm = (
@@ -379,15 +406,12 @@ def _rq_inverse(y, xk, xk1, yk, yk1, dk, dk1):
     theta_pos = 2.0 * s * delta / denom
     theta_neg = (root - beta) / (2.0 * alpha_safe)
     theta = torch.where(negative, theta_neg, theta_pos)
-    # beta >= 0: x - x_k - (y - y_k) = (y - y_k) (2 h_k - beta - root) / (beta + root), which is
-    # exactly zero for the identity spline
-    x = torch.where(
-        negative,
-        xk + wk * theta_neg,
-        y + (xk - yk) + delta * (2.0 * hk - beta - root) / denom,
-    )
+    # near the identity (where beta > 0): x - x_k - (y - y_k) = (y - y_k) (2 h_k - beta - root)
+    # / (beta + root)
+    near = _near_identity(s, dk, dk1)
+    x = torch.where(near, y + (xk - yk) + delta * (2.0 * hk - beta - root) / denom, xk + wk * theta)
     eta = 1.0 - theta
     tt = theta * eta
     d = s + ab * tt
-    log_slope, _ = _log_slope(theta, eta, tt, s, dk, dk1, d)
+    log_slope, _ = _log_slope(theta, eta, tt, s, dk, dk1, d, near)
     return x, log_slope
