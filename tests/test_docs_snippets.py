@@ -1,4 +1,4 @@
-"""The code on the documentation pages runs: each page's python blocks, in order, in one namespace."""
+"""The code on the documentation pages runs: each page's python blocks, in order, together."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from .affine import AffineLayer
 from .blocks import ConditionalResidualBlock, MLPBlock, ResidualBlock, TorchBlock
 from .conditional import ConditionalLayerGlow, ConditionalLayerHINT
 from .conv1x1 import Conv1x1
+from .conv1x1_lu import Conv1x1LU
 from .coupling import Coupling
 from .coupling_additive import AdditiveCoupling
 from .coupling_basic import CouplingLayerBasic
@@ -13,6 +14,7 @@ from .coupling_hint import CouplingLayerHINT
 from .coupling_irim import CouplingLayerIRIM
 from .hyperbolic import HyperbolicLayer
 from .laws import Additive, Affine, CouplingLaw, Negate, bounded_scale
+from .spline import CouplingLayerSpline, Spline
 from .subnets import SubnetFactory
 
 __all__ = [
@@ -25,16 +27,19 @@ __all__ = [
     "ConditionalLayerHINT",
     "ConditionalResidualBlock",
     "Conv1x1",
+    "Conv1x1LU",
     "Coupling",
     "CouplingLaw",
     "CouplingLayerBasic",
     "CouplingLayerGlow",
     "CouplingLayerHINT",
     "CouplingLayerIRIM",
+    "CouplingLayerSpline",
     "HyperbolicLayer",
     "MLPBlock",
     "Negate",
     "ResidualBlock",
+    "Spline",
     "SubnetFactory",
     "TorchBlock",
     "bounded_scale",
