@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..layers.subnets import Subnet, subnet_factory
 from ..module import Chain, Identity, InvertibleModule, Parallel
 from ..squeeze import HaarSqueeze, Squeeze
 
@@ -215,9 +216,11 @@ class ScaleSkeleton:
 class MultiscaleFlow(ScaleSkeleton, Chain):
     r"""A one-lane multiscale flow: ``L`` scales of ``K`` steps from a step factory.
 
-    Subclasses pass ``steps(channels, level) -> list of modules`` (the ``K`` steps of a scale on
-    ``channels`` channels); see the module docstring for the structure. The latent has the
-    input's shape.
+    Subclasses pass ``step(channels, level, subnet) -> list of modules``, one step of a scale on
+    ``channels`` channels built with the conditioner factory ``subnet`` (the user's, or the
+    :class:`~invops.SubnetFactory` made from ``n_hidden``, ``conv_defaults`` and
+    ``subnet_options``); each scale has ``K`` of them. See the module docstring for the
+    structure. The latent has the input's shape.
     """
 
     def __init__(
@@ -225,17 +228,22 @@ class MultiscaleFlow(ScaleSkeleton, Chain):
         n_in: int,
         L: int,
         K: int,
-        steps: Callable[[int, int], list[InvertibleModule]],
+        step: Callable[[int, int, Subnet], list[InvertibleModule]],
         *,
         split_scales: bool,
         ndim: int,
         squeeze: str,
         logdet: bool,
+        n_hidden: int,
+        subnet: Subnet | None,
+        conv_defaults: dict[str, int],
+        subnet_options: dict[str, Any],
         sample_shape: Sequence[int] | None = None,
         needs: str = "couplings need",
     ) -> None:
         owner = type(self).__name__
         check_scale_args(owner, L, K, ndim)
+        factory = subnet_factory(subnet, owner, n_hidden, ndim, conv_defaults, subnet_options)
         squeeze_or_none = squeeze if ndim > 0 else None
         if squeeze_or_none is not None:
             squeezer(squeeze)  # an unknown name fails before any parameter is made
@@ -245,7 +253,7 @@ class MultiscaleFlow(ScaleSkeleton, Chain):
             ndim,
             squeeze_or_none,
             split_scales,
-            steps=lambda chs, i: steps(chs[0], i),
+            steps=lambda chs, i: [m for _ in range(K) for m in step(chs[0], i, factory)],
             assemble=lambda made, deeper, chs: lane_level(
                 made, deeper, chs[0], squeeze_or_none, split_scales, logdet
             ),

@@ -10,7 +10,7 @@ import torch
 from ..layers.actnorm import ActNorm
 from ..layers.conditional import ConditionalLayerGlow
 from ..layers.laws import CouplingLaw
-from ..layers.subnets import GLOW_CONV, Subnet, subnet_factory
+from ..layers.subnets import GLOW_CONV, Subnet
 from ..module import Chain, InvertibleModule
 from ._multiscale import MultiscaleFlow, sample_conditional, squeezer
 
@@ -85,43 +85,35 @@ class NetworkConditionalGlow(MultiscaleFlow):
         subnet: Subnet | None = None,
         **subnet_options: Any,
     ) -> None:
-        owner = type(self).__name__
         if n_cond < 1:
-            raise ValueError(f"{owner}: n_cond must be >= 1, got {n_cond}")
-        factory = subnet_factory(subnet, owner, n_hidden, ndim, GLOW_CONV, subnet_options)
+            raise ValueError(f"{type(self).__name__}: n_cond must be >= 1, got {n_cond}")
         dense_condition = dense_condition or ndim == 0
         cond_norm = ActNorm(n_cond)
 
-        def steps(c: int, level: int) -> list[InvertibleModule]:
+        def step(c: int, level: int, subnet: Subnet) -> list[InvertibleModule]:
             if dense_condition:
                 transform, channels = cond_norm, n_cond
             else:
                 transform = Chain(cond_norm, *(squeezer(squeeze) for _ in range(level + 1)))
                 channels = n_cond * 2 ** (ndim * (level + 1))
-            out: list[InvertibleModule] = []
-            for _ in range(K):
-                out.append(ActNorm(c))
-                out.append(
-                    ConditionalLayerGlow(
-                        c,
-                        channels,
-                        ndim=ndim,
-                        law=coupling,
-                        cond_transform=transform,
-                        subnet=factory,
-                    )
-                )
-            return out
+            glow = ConditionalLayerGlow(
+                c, channels, ndim=ndim, law=coupling, cond_transform=transform, subnet=subnet
+            )
+            return [ActNorm(c), glow]
 
         super().__init__(
             n_in,
             L,
             K,
-            steps,
+            step,
             split_scales=split_scales,
             ndim=ndim,
             squeeze=squeeze,
             logdet=logdet,
+            n_hidden=n_hidden,
+            subnet=subnet,
+            conv_defaults=GLOW_CONV,
+            subnet_options=subnet_options,
         )
         self.n_cond_channels, self.dense_condition = n_cond, dense_condition
         self.cond_norm = cond_norm

@@ -8,7 +8,7 @@ from typing import Any
 from ..layers.actnorm import ActNorm
 from ..layers.coupling_glow import CouplingLayerGlow
 from ..layers.laws import CouplingLaw
-from ..layers.subnets import GLOW_CONV, Subnet, subnet_factory
+from ..layers.subnets import GLOW_CONV, Subnet
 from ..module import InvertibleModule
 from ._multiscale import MultiscaleFlow
 
@@ -90,29 +90,24 @@ class NetworkGlow(MultiscaleFlow):
         subnet: Subnet | None = None,
         **subnet_options: Any,
     ) -> None:
-        factory = subnet_factory(
-            subnet, type(self).__name__, n_hidden, ndim, GLOW_CONV, subnet_options
-        )
-
-        def steps(c: int, level: int) -> list[InvertibleModule]:
-            out: list[InvertibleModule] = []
-            for _ in range(K):
-                out.append(ActNorm(c))
-                out.append(
-                    CouplingLayerGlow(
-                        c, ndim=ndim, freeze_conv=freeze_conv, law=coupling, subnet=factory
-                    )
-                )
-            return out
+        def step(c: int, level: int, subnet: Subnet) -> list[InvertibleModule]:
+            glow = CouplingLayerGlow(
+                c, ndim=ndim, freeze_conv=freeze_conv, law=coupling, subnet=subnet
+            )
+            return [ActNorm(c), glow]
 
         super().__init__(
             n_in,
             L,
             K,
-            steps,
+            step,
             split_scales=split_scales,
             ndim=ndim,
             squeeze=squeeze,
             logdet=logdet,
+            n_hidden=n_hidden,
+            subnet=subnet,
+            conv_defaults=GLOW_CONV,
+            subnet_options=subnet_options,
             sample_shape=sample_shape,
         )

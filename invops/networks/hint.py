@@ -8,7 +8,7 @@ from typing import Any
 from ..layers.actnorm import ActNorm
 from ..layers.coupling_hint import CouplingLayerHINT
 from ..layers.laws import CouplingLaw
-from ..layers.subnets import RESIDUAL_CONV, Subnet, subnet_factory
+from ..layers.subnets import RESIDUAL_CONV, Subnet
 from ..module import InvertibleModule
 from ._multiscale import MultiscaleFlow
 
@@ -75,28 +75,23 @@ class NetworkMultiScaleHINT(MultiscaleFlow):
         subnet: Subnet | None = None,
         **subnet_options: Any,
     ) -> None:
-        factory = subnet_factory(
-            subnet, type(self).__name__, n_hidden, ndim, RESIDUAL_CONV, subnet_options
-        )
-
-        def steps(c: int, level: int) -> list[InvertibleModule]:
-            out: list[InvertibleModule] = []
-            for _ in range(K):
-                out.append(ActNorm(c))
-                out.append(
-                    CouplingLayerHINT(c, permute="full", ndim=ndim, law=coupling, subnet=factory)
-                )
-            return out
+        def step(c: int, level: int, subnet: Subnet) -> list[InvertibleModule]:
+            hint = CouplingLayerHINT(c, permute="full", ndim=ndim, law=coupling, subnet=subnet)
+            return [ActNorm(c), hint]
 
         super().__init__(
             n_in,
             L,
             K,
-            steps,
+            step,
             split_scales=split_scales,
             ndim=ndim,
             squeeze=squeeze,
             logdet=logdet,
+            n_hidden=n_hidden,
+            subnet=subnet,
+            conv_defaults=RESIDUAL_CONV,
+            subnet_options=subnet_options,
             sample_shape=sample_shape,
             needs="HINT needs",
         )
