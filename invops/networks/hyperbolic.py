@@ -95,11 +95,17 @@ class NetworkHyperbolic(Chain):
             channels = layer.n_out
         super().__init__(*layers, logdet=logdet)
         self.n_in, self.n_out, self.ndim = n_in, channels, ndim
+        self._valid_shapes: set[tuple[tuple[int, ...], bool]] = set()
 
     def _validate(self, x, cond, inverse):
         # each layer's squeeze action constrains the shape it meets: follow the shape through
-        # the stack on the meta device (no data, no compute)
+        # the stack on the meta device (no data, no compute). The walk costs about as much
+        # Python as a small forward pass, so a shape that passed is remembered.
+        key = (tuple(x.shape), inverse)
+        if key in self._valid_shapes:
+            return
         probe = torch.empty(x.shape, dtype=x.dtype, device="meta")
         for layer in reversed(self.layers) if inverse else self.layers:
             layer._validate(probe, (), inverse)
             probe = (layer._inverse if inverse else layer._forward)(probe)[0]
+        self._valid_shapes.add(key)
