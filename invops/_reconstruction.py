@@ -106,16 +106,16 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / scale)
 
 
-def _leaves(module, path: str, n_cond: int):
-    """``(path, layer, n_cond)`` for the layers of nested Chains, in application order."""
+def _leaves(module, path: str, n_conditions: int):
+    """``(path, layer, n_conditions)`` for the layers of nested Chains, in application order."""
     from .module import Chain
 
     if not isinstance(module, Chain):
-        yield path, module, n_cond
+        yield path, module, n_conditions
         return
     for i, m in enumerate(module.layers):
         yield from _leaves(
-            m, f"{path}.layers.{i}" if path else f"layers.{i}", min(m.n_cond, n_cond)
+            m, f"{path}.layers.{i}" if path else f"layers.{i}", min(m.n_conditions, n_conditions)
         )
 
 
@@ -159,10 +159,10 @@ def _locate(module, y: torch.Tensor, cond: tuple, inverse: bool, tol: float) -> 
     if not inverse:
         leaves.reverse()
     exact, perturbed = y, _rounding_perturbed(y)
-    for path, layer, n_cond in leaves:
+    for path, layer, n_conditions in leaves:
         recompute = layer._forward if inverse else layer._inverse
-        exact = recompute(exact, *cond[:n_cond])[0]
-        perturbed = recompute(perturbed, *cond[:n_cond])[0]
+        exact = recompute(exact, *cond[:n_conditions])[0]
+        perturbed = recompute(perturbed, *cond[:n_conditions])[0]
         err = _relative(perturbed, exact)
         if not err <= tol:
             return f"; it first exceeds the tolerance at layer {path!r} ({type(layer).__name__})"

@@ -23,16 +23,16 @@ __all__ = ["apply_memory_free"]
 
 class _MemoryFreeFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, module, inverse, n_cond, x, *rest):
+    def forward(ctx, module, inverse, n_conditions, x, *rest):
         from .module import _unaliased
 
-        cond = rest[:n_cond]
+        cond = rest[:n_conditions]
         out, logdet = (module._inverse if inverse else module._forward)(x, *cond)
         out = _unaliased(out, x, *cond)  # a layer that only reshapes must not return its input
         ctx.module = module
         ctx.inverse = inverse
-        ctx.n_params = len(rest) - n_cond
-        ctx.params = rest[n_cond:]
+        ctx.n_params = len(rest) - n_conditions
+        ctx.params = rest[n_conditions:]
         ctx.save_for_backward(out, *cond)
         return out, logdet
 

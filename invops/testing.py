@@ -19,7 +19,8 @@ import torch.utils._pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .module import InvertibleModule, functional_state, plain_autograd
+from ._autodiff import functional_state
+from .module import InvertibleModule, plain_autograd
 from .operators import Operator
 
 __all__ = [

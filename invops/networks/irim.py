@@ -16,6 +16,7 @@ from ..layers.actnorm import ActNorm
 from ..layers.coupling import Coupling
 from ..layers.coupling_hint import CouplingLayerHINT
 from ..layers.coupling_irim import CouplingLayerIRIM
+from ..layers.subnets import IRIM_CONV, Subnet, subnet_factory
 from ..module import Block, Chain, InvertibleModule
 from ..operators import Operator, apply_adjoint, apply_operator, as_operator
 
@@ -116,7 +117,7 @@ class _DataFitGradient(Block):
 class _BoundLoop(InvertibleModule):
     """The unrolled loop with one physics operator bound: an invertible map of ``cat(eta, s)``."""
 
-    n_cond = 1
+    n_conditions = 1
 
     def __init__(self, loop: NetworkLoop, op: Operator) -> None:
         super().__init__(logdet=False)
@@ -181,11 +182,14 @@ class NetworkLoop(torch.nn.Module):
         :class:`~invops.CouplingLayerHINT` (``permute="both"``).
     ndim : int
         Spatial dimensions of the model (1, 2 or 3).
-    k1, k2, p1, p2, s1, s2 : int
-        Conditioner convolutions (defaults of InvertibleNetworks.jl: the first convolution
-        downsamples by 4, so model sizes must be multiples of 4).
-    activation : callable, optional
-        Nonlinearity of the conditioners (default SiLU).
+    subnet : factory, optional
+        Conditioner factory ``(n_in, n_out) -> Block`` (see :mod:`invops.layers.subnets`),
+        called once per coupling.
+    **subnet_options
+        ``k1, k2, p1, p2, s1, s2, activation`` of the default
+        :class:`~invops.SubnetFactory` (defaults of InvertibleNetworks.jl, ``4, 3, 0, 1, 4,
+        1``: the first convolution downsamples by 4, so model sizes must be multiples of 4;
+        SiLU).
 
     Notes
     -----
@@ -233,13 +237,9 @@ class NetworkLoop(torch.nn.Module):
         link: str | Callable | tuple[Callable, Callable] | None = None,
         type: str = "additive",
         ndim: int = 2,
-        k1: int = 4,
-        k2: int = 3,
-        p1: int = 0,
-        p2: int = 1,
-        s1: int = 4,
-        s2: int = 1,
-        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        subnet: Subnet | None = None,
+        **subnet_options: Any,
     ) -> None:
         super().__init__()
         if n_in < 2:
@@ -252,24 +252,25 @@ class NetworkLoop(torch.nn.Module):
             raise ValueError(f"NetworkLoop: ndim must be 1, 2 or 3, got {ndim}")
         self.n_in, self.maxiter, self.ndim, self.type = n_in, maxiter, ndim, type
         psi = link_function(link)
-        conv = dict(k1=k1, k2=k2, p1=p1, p2=p2, s1=s1, s2=s2, activation=activation)
+        factory = subnet_factory(subnet, "NetworkLoop", n_hidden, ndim, IRIM_CONV, subnet_options)
         steps: list[InvertibleModule] = []
         for _ in range(maxiter):
             steps.append(
                 Coupling(
                     n_in,
                     _DataFitGradient(n_in - 1, psi, ndim),
+                    "additive",
                     n_first=1,
                     fixed="first",
-                    kind="additive",
-                    n_cond=1,
+                    n_conditions=1,
                     ndim=ndim,
+                    owner="NetworkLoop",
                 )
             )
             if type == "additive":
-                steps.append(CouplingLayerIRIM(n_in, n_hidden, ndim=ndim, **conv))
+                steps.append(CouplingLayerIRIM(n_in, ndim=ndim, subnet=factory))
             else:
-                steps.append(CouplingLayerHINT(n_in, n_hidden, permute="both", ndim=ndim, **conv))
+                steps.append(CouplingLayerHINT(n_in, permute="both", ndim=ndim, subnet=factory))
         self.steps = Chain(*steps, logdet=False)
 
     # ----------------------------------------------------------------- helpers
