@@ -89,6 +89,7 @@ CASES = [
     Case("ActNorm", lambda r: invops.ActNorm(3), ALL, 3, guarded=True),
     Case("AffineLayer", lambda r: invops.AffineLayer((3, *SPATIAL[r])), ALL, 3),
     Case("Conv1x1", lambda r: invops.Conv1x1(3), ALL, 3),
+    Case("Conv1x1LU", lambda r: invops.Conv1x1LU(3), ALL, 3),
     Case("Identity", lambda r: invops.Identity(), ALL, 3),
     Case("LeakyReLU", lambda r: invops.LeakyReLU(0.2), ALL, 3),
     Case("Sigmoid", lambda r: invops.Sigmoid(-1.0, 2.0), ALL, 3),
@@ -117,6 +118,7 @@ CASES = [
     Case("Coupling", lambda r: invops.Coupling(4, invops.TorchBlock(_conv(r, 2, 4))), ALL, 4),
     Case("CouplingLayerBasic", lambda r: invops.CouplingLayerBasic(3, HIDDEN, ndim=r), ALL, 3),
     Case("CouplingLayerGlow", lambda r: invops.CouplingLayerGlow(3, HIDDEN, ndim=r), ALL, 3),
+    Case("CouplingLayerSpline", lambda r: invops.CouplingLayerSpline(3, HIDDEN, ndim=r), ALL, 3),
     Case(
         "CouplingLayerHINT",
         lambda r: invops.CouplingLayerHINT(5, HIDDEN, permute="both", ndim=r),
@@ -223,8 +225,18 @@ CASES = [
     Case("ReLU", lambda r: invops.ReLU(), ALL, 3, block=True),
     Case("GaLU", lambda r: invops.GaLU(), IMAGES, 4, block=True),
 ]
-# public classes that are abstract bases, or need an operator (fuzzed on their own below)
-NOT_IN_REGISTRY = {"InvertibleModule", "Block", "NetworkLoop"}
+# public classes that are abstract bases, need an operator (fuzzed on their own below), or are
+# coupling laws (parts of a coupling, fuzzed through the couplings that hold them)
+NOT_IN_REGISTRY = {
+    "InvertibleModule",
+    "Block",
+    "NetworkLoop",
+    "CouplingLaw",
+    "Affine",
+    "Additive",
+    "Negate",
+    "Spline",
+}
 
 
 def test_the_registry_covers_every_public_layer_block_and_network():

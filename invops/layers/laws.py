@@ -226,7 +226,10 @@ def as_law(law: str | CouplingLaw, owner: str = "Coupling") -> CouplingLaw:
 def coupling_law(law: str | CouplingLaw, scale: tuple[float, float], owner: str) -> CouplingLaw:
     """The law of a coupling layer: ``law``, with ``scale`` configuring the affine law by name."""
     if isinstance(law, str) and law == "affine":
-        return Affine(*scale)
+        try:
+            return Affine(*scale)
+        except ValueError as err:
+            raise ValueError(f"{owner}: {str(err).removeprefix('Affine: ')}") from None
     if tuple(float(s) for s in scale) != (0.5, 2.0):
         raise ValueError(
             f"{owner}: scale configures the 'affine' law only, got law={law!r} with scale={scale}"
