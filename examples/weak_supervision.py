@@ -38,8 +38,10 @@ annotated points stand out most is thresholded at the quantile that gives the pr
 fraction. Accuracy (score > 0.5 against the hidden full labels) is reported on the training
 sections (whose labels were hidden) and on held-out sections.
 
-Run: ``python examples/weak_supervision.py`` (about four minutes on 2 CPU cores). Options:
-``--steps``, ``--train``, ``--test``, ``--points``, ``--seed``, ``--out`` for the figure.
+Run: ``python examples/weak_supervision.py`` (about four minutes of CPU time on one thread for
+the four trainings; 23 minutes of wall time on the shared 2-core project machine under a load
+average of 11). Options: ``--steps``, ``--train``, ``--test``, ``--points``, ``--seed``,
+``--no-reference`` (skip the full-label reference), ``--out`` for the figure.
 """
 
 from __future__ import annotations
