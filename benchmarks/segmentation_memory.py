@@ -27,7 +27,8 @@ deterministic, what a GPU caching allocator must at least hold) and the resident
 the memory in use before the step (``VmHWM``, with ``MALLOC_MMAP_THRESHOLD_`` low so freed
 tensors leave it; it adds the convolution library's work buffers and allocator overhead).
 Parameters and their gradients exist before the measured step and are not in either figure
-(at the seed's size they are 2 MB).
+(at the seed's size they are 2 MB). With ``--in-process`` only the live tensors are recorded (the
+resident set would carry what earlier points left behind).
 """
 
 from __future__ import annotations
@@ -107,6 +108,9 @@ def make_system(system: str, width: int, depth: int):
         model = build_resnet(width, depth)
         return model, lambda v: model(v).mean(dim=-1)
     net = invops.NetworkHyperbolic(2, [("none", width)] * depth, alpha=ALPHA, ndim=3, logdet=False)
+    # the same map and parameters without NetworkHyperbolic's per-call shape probe of every
+    # layer on the meta device (it allocates nothing, but costs seconds per point here)
+    net = invops.Chain(*net.layers, logdet=False)
     plain = system == "invops-plain"
 
     def scores(v):
@@ -139,13 +143,14 @@ def measure(cfg: dict) -> dict:
             p.grad = None if p.grad is None else p.grad.zero_()
         loss = F.cross_entropy(scores(v)[0][:, rows, cols].T, target)
         loss.backward()
-        return float(loss)
+        return loss.item()
 
     out = {**cfg, "runtime": runtime_info("cpu"), "voxels": d * h * w}
     out["loss"] = step()  # also allocates the parameter gradients
-    with PeakMemory("cpu") as mem:
-        step()
-    out.update(rss_increase=mem.increase, rss_peak=mem.peak, rss_before=mem.before)
+    if cfg.get("rss", True):
+        with PeakMemory("cpu") as mem:
+            step()
+        out.update(rss_increase=mem.increase, rss_peak=mem.peak, rss_before=mem.before)
     with TensorMemoryTracker() as tracker:
         step()
     out["tensor_peak"] = tracker.peak
@@ -185,7 +190,10 @@ def predict(model: dict, voxels: float, width: float, depth: float) -> float:
 def describe(point: dict) -> str:
     if "error" in point:
         return f"ERROR {point['error']}"
-    return f"tensors {point['tensor_peak'] / MB:8.1f} MB, RSS +{point['rss_increase'] / MB:8.1f} MB"
+    text = f"tensors {point['tensor_peak'] / MB:8.1f} MB"
+    if "rss_increase" in point:
+        text += f", RSS +{point['rss_increase'] / MB:8.1f} MB"
+    return text
 
 
 def points_table(points: list[dict], systems: list[str]) -> str:
@@ -202,7 +210,10 @@ def points_table(points: list[dict], systems: list[str]) -> str:
             if p is None or "error" in p:
                 row.append("-")
             else:
-                row.append(f"{p['tensor_peak'] / MB:.1f} / {p['rss_increase'] / MB:.1f}")
+                rss = p.get("rss_increase")
+                row.append(
+                    f"{p['tensor_peak'] / MB:.1f} / {fmt(None if rss is None else rss / MB, 1)}"
+                )
         a, b = (
             table.get(("invops-plain", shape, depth, width)),
             table.get(("invops", shape, depth, width)),
@@ -329,7 +340,8 @@ def main(argv=None) -> dict:
     if args.worker:
         worker_reply(measure(json.loads(args.worker)))
         return {}
-    base = {"threads": args.threads, "seed": args.seed}
+    # in one process the resident set carries what earlier points left: only live tensors
+    base = {"threads": args.threads, "seed": args.seed, "rss": not args.in_process}
     configs = default_configs(args.shapes, args.depths, args.widths)
     points = []
     for shape, depth, width in configs:
@@ -345,7 +357,8 @@ def main(argv=None) -> dict:
         mine = [p for p in ok if p["system"] == system]
         if len(mine) >= len(FEATURES):
             for key in ("tensor_peak", "rss_increase"):
-                fits[(system, key)] = fit(mine, key)
+                if all(key in p for p in mine):
+                    fits[(system, key)] = fit(mine, key)
     print("\npeak memory of one training step (MB): live tensors / resident set increase\n")
     print(points_table(ok, args.systems))
     print(f"\nfit m = {' + '.join(f'{k}*{f}' for k, f in zip('abcde', FEATURES))}\n")

@@ -446,7 +446,7 @@ def write_figure(args, vol, t1, t2, change, prob, pred, diff_pred, logit_pred, r
         f"time-lapse volume {args.size}x{args.size}x{args.bands} bands x 2 times: change "
         f"detection by a 3D invertible hyperbolic network from {args.points} points per class"
     )
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.04, right=0.94, bottom=0.07, top=0.9, wspace=0.4, hspace=0.3)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=90)
     plt.close(fig)

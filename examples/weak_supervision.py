@@ -507,7 +507,7 @@ def write_figure(args, d, lithos, labels, mask, scores, accs) -> str | None:
         "score > 0.5 is class 1",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.02, right=0.97, bottom=0.1, top=0.84, wspace=0.45, hspace=0.55)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=90)
     plt.close(fig)
