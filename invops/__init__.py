@@ -22,6 +22,16 @@ from .activations import (
     sigmoid_derivative,
     sigmoid_inv,
 )
+from .constraints import (
+    Box,
+    ConvexSet,
+    DykstraInfo,
+    FractionBounds,
+    Intersection,
+    PointAnnotations,
+    distance_squared,
+    distance_squared_grad,
+)
 from .jacobian import JacobianOperator
 from .layers import (
     ActNorm,
@@ -86,6 +96,14 @@ from .squeeze import HaarSqueeze, Squeeze, cat, split
 __version__ = "0.1.0"
 
 __all__ = [
+    "Box",
+    "ConvexSet",
+    "DykstraInfo",
+    "FractionBounds",
+    "Intersection",
+    "PointAnnotations",
+    "distance_squared",
+    "distance_squared_grad",
     "ActNorm",
     "Additive",
     "AdditiveCoupling",
