@@ -1,6 +1,6 @@
 """invops: memory-efficient invertible networks as nonlinear operators for inverse problems."""
 
-from . import checkpoint, distributed, operators, testing
+from . import checkpoint, distributed, nonlinear, operators, solvers, testing
 from .activations import (
     ExpClamp,
     GaLU,
@@ -62,6 +62,7 @@ from .networks import (
     NetworkUNet,
     SummarizedNet,
 )
+from .nonlinear import NonlinearOperator
 from .objectives import (
     flow_nll,
     flow_nll_grad,
@@ -109,6 +110,7 @@ __all__ = [
     "NetworkMultiScaleHINT",
     "NetworkRevNet",
     "NetworkUNet",
+    "NonlinearOperator",
     "Parallel",
     "ReLU",
     "ResidualBlock",
@@ -137,6 +139,7 @@ __all__ = [
     "mse_grad",
     "checkpoint",
     "distributed",
+    "nonlinear",
     "operators",
     "plain_autograd",
     "relu",
@@ -144,6 +147,7 @@ __all__ = [
     "sigmoid",
     "sigmoid_derivative",
     "sigmoid_inv",
+    "solvers",
     "split",
     "testing",
 ]
