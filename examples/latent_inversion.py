@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--train", type=int, default=2000)
-    parser.add_argument("--test", type=int, default=32)
+    parser.add_argument("--test", type=int, default=64)
     parser.add_argument("--noise", type=float, default=0.02)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--glow-steps", type=int, default=1200)

@@ -772,9 +772,6 @@ class _Composite(NonlinearOperator):
         self.n_conditions = None if None in counts else max(counts, default=0)
         self.is_complex = any(op.is_complex for op in ops)
 
-    def _validate_input(self, x, cond):
-        NonlinearOperator._validate_input(self, x, cond)
-
     def extra_repr(self) -> str:
         ms = "" if self.model_shape is None else f"model_shape={self.model_shape}"
         ds = "" if self.data_shape is None else f"data_shape={self.data_shape}"
@@ -867,11 +864,11 @@ class Composition(_Composite):
 
     def _vjp_t(self, dy, x, cond):
         order = self._order
-        saved = {}  # inputs of the parts that cannot recompute them
+        saved: list = []  # inputs of the parts that cannot recompute them, in order
 
         def forward(op, h, c):
             if not _invertible(op):
-                saved[id(op)] = h
+                saved.append(h)
             return op._apply_t(h, c)
 
         with torch.no_grad():
@@ -885,7 +882,7 @@ class Composition(_Composite):
             if _invertible(op):
                 out, g, dc, gr = op._pullback_t(out, c, g)
             else:
-                out = saved.pop(id(op))
+                out = saved.pop()
                 g, dc, gr = op._vjp_t(g, out, c)
             _add_grads(grads, gr)
             _add_conds(dcond, dc)
@@ -990,10 +987,16 @@ class Sum(_Composite):
         return sum((y for _, y in outs[1:]), outs[0][1])
 
     def _jvp_t(self, x, cond, dx, dtheta):
-        pairs = {id(op): op._jvp_t(x, _cond_for(op, cond), dx, dtheta) for op in self.ops}
-        outs = self._outputs(x, cond, lambda op, h, c: pairs[id(op)][0])
-        dy = [pairs[id(op)][1] for op, _ in outs]
-        return sum((y for _, y in outs[1:]), outs[0][1]), sum(dy[1:], dy[0])
+        pairs = iter([op._jvp_t(x, _cond_for(op, cond), dx, dtheta) for op in self.ops])
+        tangents: list = []
+
+        def output(op, h, c):
+            y, dy = next(pairs)
+            tangents.append(dy)
+            return y
+
+        outs = self._outputs(x, cond, output)
+        return sum((y for _, y in outs[1:]), outs[0][1]), sum(tangents[1:], tangents[0])
 
     def _vjp_t(self, dy, x, cond):
         def split(ys):

@@ -245,8 +245,9 @@ def gauss_newton(
     info : dict
         Arrays with one row per iteration and one column per sample: ``residual_norm`` and
         ``objective`` (row 0 at ``x0``), ``step_norm`` (0 for a rejected step), ``damp``,
-        ``accepted``; and ``inner_iterations``, ``niter``, ``converged`` (per sample),
-        ``message``.
+        ``accepted``; and ``inner_iterations``, ``niter``, ``converged`` and ``diverged`` (per
+        sample: a plain step made the objective non-finite, and the sample stopped at its last
+        finite point), ``message``.
 
     Notes
     -----
@@ -267,9 +268,11 @@ def gauss_newton(
     Batches: the samples are independent problems and the Jacobian is block diagonal.
     ``batch="joint"`` (default) solves all of them with ONE inner Krylov run per iteration on
     the block-diagonal system, so every network evaluation is batched; damping, step
-    acceptance and convergence are per sample, and the minimiser of the joint step problem is
-    every sample's own step. The Krylov space is shared, though, so with a small
-    ``inner_iter`` a sample's step is less converged than in its own solve.
+    acceptance and convergence are per sample, the minimiser of the joint step problem is
+    every sample's own step, and samples that have converged (or diverged) get a zero
+    right-hand side, so they drop out of the Krylov solve. The Krylov space of the active
+    samples is shared, though, so with a small ``inner_iter`` a sample's step is less
+    converged than in its own solve.
     ``batch="separate"`` runs the solver on one sample at a time (exactly independent, B times
     the network calls at batch size 1); ``info`` then stacks the samples' columns (padded
     with NaN where a sample stopped earlier).
@@ -340,6 +343,7 @@ def _separately(problem: _Problem, options: dict) -> tuple[torch.Tensor, dict]:
     merged["inner_iterations"] = [i["inner_iterations"] for i in infos]
     merged["niter"] = max(i["niter"] for i in infos)
     merged["converged"] = np.concatenate([i["converged"] for i in infos])
+    merged["diverged"] = np.concatenate([i["diverged"] for i in infos])
     merged["message"] = "; ".join(f"sample {b}: {i['message']}" for b, i in enumerate(infos))
     return torch.cat(xs), merged
 
@@ -372,6 +376,10 @@ def _gauss_newton(problem, niter, damp, solver, inner_iter, callback, tol, inner
 
     J, r = linearize(x)
     phi = objective(x, r)
+    if not bool(torch.isfinite(phi).all()):
+        # one sample's NaN would spread to all in the joint Krylov solve
+        bad = torch.nonzero(~torch.isfinite(phi)).flatten().tolist()
+        raise ValueError(f"gauss_newton: the objective at x0 is not finite for samples {bad}")
     mu = torch.full((n_batch,), float(0.0 if adaptive else damp), dtype=x.dtype, device=x.device)
     nu = torch.full_like(mu, 2.0)
     if adaptive:
@@ -388,20 +396,22 @@ def _gauss_newton(problem, niter, damp, solver, inner_iter, callback, tol, inner
     history["objective"].append(phi)
     inner_counts: list[int] = []
     converged = torch.zeros(n_batch, dtype=torch.bool, device=x.device)
+    diverged = torch.zeros_like(converged)  # a plain step overflowed: stopped where finite
     message, k = "reached niter", 0
     sqrt_lam = math.sqrt(problem.lam)
     for k in range(1, niter + 1):
-        if not bool(torch.isfinite(phi).any()):
-            message = "non-finite residual"
-            k -= 1
-            break
-        # the step problem: VStack([J, sqrt(lam) I, sqrt(mu) I]) delta = [-r, -sqrt(lam) e, 0]
+        # the step problem: VStack([J, sqrt(lam) I, sqrt(mu) I]) delta = [-r, -sqrt(lam) e, 0].
+        # The system is block diagonal over the batch, so a sample whose right-hand side is zero
+        # (converged or diverged) keeps a zero step and takes no part in the Krylov solve.
         n = x.numel()
-        ops, rhs = [J], [vec(-r)]
+        active = ~converged & ~diverged
+        keep_r = active.reshape(-1, *([1] * (r.ndim - 1))).to(r.dtype)
+        keep_x = per_sample(active.to(x.dtype)).reshape(x.shape)
+        ops, rhs = [J], [vec(-r * keep_r)]
         if problem.lam > 0:
             e = x if problem.prior is None else x - problem.prior
             ops.append(pylops.Identity(n, dtype=dtype) * sqrt_lam)
-            rhs.append(vec(-sqrt_lam * e))
+            rhs.append(vec(-sqrt_lam * e * keep_x))
         if bool((mu > 0).any()):
             ops.append(pylops.Diagonal(vec(per_sample(mu.sqrt())), dtype=dtype))
             rhs.append(vec(torch.zeros_like(x)))
@@ -427,8 +437,7 @@ def _gauss_newton(problem, niter, damp, solver, inner_iter, callback, tol, inner
             out = cgls(system, b, x0=start, niter=inner_iter, tol=(inner_tol * g0) ** 2)
             sol, its = out[0], int(out[2])
         inner_counts.append(its)
-        delta = to_torch(sol, device=x.device).reshape(x.shape).to(x.dtype)
-        active = ~converged
+        delta = to_torch(sol, device=x.device).reshape(x.shape).to(x.dtype) * keep_x
         if adaptive:
             Jd = to_torch(J.matvec(vec(delta)), device=x.device).reshape(r.shape)
             predicted = phi - (_per_sample_sq(Jd + r) + problem.penalty(x + delta))
@@ -442,19 +451,28 @@ def _gauss_newton(problem, niter, damp, solver, inner_iter, callback, tol, inner
             accepted = active & torch.isfinite(phi_try) & (phi_try < phi) & (predicted > 0)
             shrink = torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3)
             mu_used = mu.clone()
-            mu = torch.where(accepted, mu * shrink, mu * nu)
-            nu = torch.where(accepted, torch.full_like(nu, 2.0), nu * 2)
+            # samples out of the solve keep their damping
+            mu = torch.where(accepted, mu * shrink, torch.where(active, mu * nu, mu))
+            nu = torch.where(accepted, torch.full_like(nu, 2.0), torch.where(active, nu * 2, nu))
             mask = per_sample(accepted.to(x.dtype)).reshape(x.shape)
             x = x + mask * delta
             if bool(accepted.any()):
                 J, r = linearize(x)
                 phi = objective(x, r)
         else:
-            accepted = active
             mu_used = mu.clone()
+            x_before = x
             x = x + per_sample(active.to(x.dtype)).reshape(x.shape) * delta
             J, r = linearize(x)
             phi = objective(x, r)
+            overflow = active & ~torch.isfinite(phi)
+            if bool(overflow.any()):
+                # keep every sample at a finite point: NaN would spread through the joint solve
+                diverged = diverged | overflow
+                x = torch.where(per_sample(overflow).reshape(x.shape), x_before, x)
+                J, r = linearize(x)
+                phi = objective(x, r)
+            accepted = active & ~overflow
         step = torch.where(accepted, _per_sample_sq(delta).sqrt(), torch.zeros_like(phi))
         x_norm = _per_sample_sq(x).sqrt()
         converged = converged | (accepted & (step <= tol * (x_norm + tol)))
@@ -467,16 +485,20 @@ def _gauss_newton(problem, niter, damp, solver, inner_iter, callback, tol, inner
         history["step_norm"].append(step)
         history["damp"].append(mu_used)
         history["accepted"].append(accepted)
-        if callback is not None and callback(k, x, _info(history, inner_counts, k, converged, "")):
+        state = (inner_counts, k, converged, diverged)
+        if callback is not None and callback(k, x, _info(history, *state, "")):
             message = "stopped by callback"
             break
         if bool(converged.all()):
             message = "converged"
             break
-    return x, _info(history, inner_counts, k, converged, message)
+        if bool((converged | diverged).all()):
+            message = "diverged (a plain Gauss-Newton step overflowed; try damp='adaptive')"
+            break
+    return x, _info(history, inner_counts, k, converged, diverged, message)
 
 
-def _info(history, inner_counts, k, converged, message) -> dict:
+def _info(history, inner_counts, k, converged, diverged, message) -> dict:
     info = {
         key: torch.stack(rows).cpu().numpy()
         if rows
@@ -487,6 +509,7 @@ def _info(history, inner_counts, k, converged, message) -> dict:
         inner_iterations=list(inner_counts),
         niter=k,
         converged=converged.cpu().numpy(),
+        diverged=diverged.cpu().numpy(),
         message=message,
     )
     return info

@@ -616,41 +616,50 @@ def test_inputs_are_not_mutated(parts):
 
 
 # ----------------------------------------------------------------------------------- devices
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_composite_on_cuda():
-    p = Parts()
-    G = p.G.cuda()
-    try:
-        import cupy  # noqa: F401
+# the device suite's --devices option (see tests/test_devices.py): ``device`` runs over it
+from test_devices import (  # noqa: E402, F401
+    _single_thread_ieee_float32,
+    pytest_generate_tests,
+)
 
-        A = as_operator(pylops.MatrixMult(cupy.asarray(p.A_np)), model_shape=SHAPE)
-        vector = cupy.random.standard_normal
+
+def _cupy():
+    try:
+        import cupy
     except ImportError:
-        At = p.A_t.cuda()
-        A = as_operator(
-            (lambda x: x.reshape(x.shape[0], -1) @ At.T, lambda y: (y @ At).reshape(-1, *SHAPE)),
-            SHAPE,
-            (20,),
-        )
-        vector = None
+        return None
+    return cupy
+
+
+@pytest.mark.gpu
+def test_composite_on_device(device):
+    p = Parts()
+    G = p.G.to(device)
+    cupy = _cupy() if torch.device(device).type == "cuda" else None
+    if cupy is not None:  # a PyLops operator on cupy arrays: torch <-> cupy by DLPack
+        A = as_operator(pylops.MatrixMult(cupy.asarray(p.A_np)), model_shape=SHAPE)
+    else:
+        A = as_operator(p.A_t, model_shape=SHAPE)  # a matrix follows the tensors' device
     F = A @ G.reverse()
-    z = torch.randn(B, *SHAPE, dtype=F64, device="cuda")
+    z = torch.randn(B, *SHAPE, dtype=F64, device=device)
     y = F.apply(z)
-    assert y.device.type == "cuda"
+    assert y.device == z.device
     G.cpu()
     with torch.no_grad():
         expected = p.a(p.ginv(z.cpu()))
-    G.cuda()
+    G.to(device)
     assert _rel(y.cpu(), expected) < 1e-10
     for wrt in ("input", "params", "both"):
         J = F.jacobian(z, wrt=wrt)
-        if vector is not None:
+        _dottest(J)  # numpy vectors, moved to the device inside
+        if cupy is not None:
             pylops.utils.dottest(J, rtol=1e-10, atol=0.0, backend="cupy")
-        _dottest(J)
     zr = z.clone().requires_grad_()
     F.apply(zr).sum().backward()
-    assert zr.grad.device.type == "cuda" and all(q.grad.is_cuda for q in G.parameters())
+    assert zr.grad.device == z.device
+    assert all(q.grad.device == z.device for q in G.parameters())
+    for q in G.parameters():
+        q.grad = None
 
 
 def test_irim_loop_composes_as_an_operator_of_the_packed_state():
@@ -723,3 +732,32 @@ def test_batch_of_one_and_odd_channels():
         with invops.plain_autograd():
             _, expected = torch.func.jvp(ref, (inp,), (v,))
         assert _rel(F.jacobian(inp).matvec(v.reshape(-1).numpy()), expected.reshape(-1)) < 1e-10
+
+
+def test_the_same_operator_twice(parts):
+    x = torch.randn(B, *SHAPE, dtype=F64)
+    G = parts.G
+    M = torch.from_numpy(np.random.default_rng(4).standard_normal((N, N)) / 6)
+    C = as_operator(M, model_shape=SHAPE, data_shape=SHAPE)
+    twice = {
+        "G@G": (G @ G, lambda x: parts.g(parts.g(x))),
+        "C@C": (C @ C, lambda x: (x.reshape(B, -1) @ M.T @ M.T).reshape(x.shape)),
+        "C@G@C@G": (
+            C @ G @ C @ G,
+            lambda x: (
+                parts.g((parts.g(x).reshape(B, -1) @ M.T).reshape(x.shape)).reshape(B, -1) @ M.T
+            ).reshape(x.shape),
+        ),
+        "G+G": (G + G, lambda x: 2 * parts.g(x)),
+    }
+    for name, (F, ref) in twice.items():
+        call, params = _reference_call(parts, ref, F)
+        assert _rel(F.apply(x), call(x, *params)) < 1e-12, name
+        w = torch.randn_like(x)
+        dx, dtheta = F.vjp(w, x)
+        with invops.plain_autograd():
+            grads = torch.func.vjp(call, x, *params)[1](w)
+        assert _rel(dx, grads[0]) < 1e-10, name
+        for got, want in zip(dtheta, grads[1:]):
+            assert _rel(got, want) < 1e-10, name
+        _dottest(F.jacobian(x, wrt="both"))

@@ -107,6 +107,31 @@ def test_adaptive_damping_saves_a_start_where_gauss_newton_diverges():
     assert not info["accepted"].all()  # and some steps were rejected
 
 
+class Exp(invops.NonlinearOperator):
+    def _forward(self, x):
+        return torch.exp(x)
+
+
+def test_an_overflowing_sample_does_not_spoil_the_batch():
+    _, A, _ = _sigmoid_problem()
+    F = as_operator(A) @ Exp()
+    x_true = torch.full((2, 6), 0.5, dtype=F64)
+    d = F.apply(x_true)
+    x0 = torch.stack([torch.full((6,), -12.0, dtype=F64), torch.full((6,), 0.4, dtype=F64)])
+    x, info = gauss_newton(F, d, x0, niter=10, inner_iter=20)
+    assert info["diverged"].tolist() == [True, False]
+    assert info["converged"].tolist() == [False, True]
+    assert torch.isfinite(x).all() and torch.equal(x[0], x0[0])
+    assert float((x[1] - x_true[1]).abs().max()) < 1e-10
+    # adaptive damping rejects the overflowing steps; sample 1 still converges, on its own
+    x, info = gauss_newton(F, d, x0, niter=20, damp="adaptive", inner_iter=20)
+    assert torch.isfinite(x).all() and not info["diverged"].any()
+    assert float((x[1] - x_true[1]).abs().max()) < 1e-10 and info["converged"][1]
+    assert np.all(np.diff(info["objective"][:, 0]) <= 0) and np.isfinite(info["damp"]).all()
+    with pytest.raises(ValueError, match=r"not finite for samples \[0\]"):
+        gauss_newton(F, d, torch.stack([torch.full((6,), 800.0, dtype=F64), x0[1]]))
+
+
 def test_fixed_damping_and_cgls():
     F, _, x_true = _sigmoid_problem(seed=2)
     d = F.apply(x_true)
@@ -278,17 +303,25 @@ def test_non_operators_and_dtype_mismatch_raise():
 
 
 # ----------------------------------------------------------------------------------- devices
+# the device suite's --devices option (see tests/test_devices.py): ``device`` runs over it
+from test_devices import (  # noqa: E402, F401
+    _single_thread_ieee_float32,
+    pytest_generate_tests,
+)
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
-def test_gauss_newton_on_cuda(dtype):
-    F, G = _glow_problem(reverse=True)
-    F = F.to(device="cuda", dtype=dtype)
-    z_true = torch.randn(3, 1, 4, 4, dtype=dtype, device="cuda")
-    d = F.apply(z_true)
-    z, info = gauss_newton(F, d, z_true + 0.05 * torch.randn_like(z_true), niter=8, inner_iter=40)
-    assert z.device.type == "cuda"
+def test_gauss_newton_on_device(device, dtype):
+    F, _ = _glow_problem(reverse=True)
+    F = F.to(device=device, dtype=dtype)
+    z_true = torch.randn(3, 1, 4, 4, dtype=dtype, device=device)
+    d = F.apply(z_true).detach()
+    z0 = z_true + 0.05 * torch.randn_like(z_true)
+    z, info = gauss_newton(F, d, z0, niter=8, inner_iter=40)
+    assert z.device == z_true.device and z.dtype == dtype
     tol = 1e-6 if dtype == F64 else 1e-3
     assert float((z - z_true).norm() / z_true.norm()) < tol, info["residual_norm"]
-    z2, _ = lbfgs(F, d, z_true + 0.05 * torch.randn_like(z_true), niter=100)
-    assert z2.device.type == "cuda"
+    z2, _ = lbfgs(F, d, z0, niter=100)
+    assert z2.device == z_true.device
+    assert float((z2 - z_true).norm() / z_true.norm()) < 10 * tol
