@@ -488,7 +488,7 @@ def test_linear_operator_is_its_own_jacobian(name):
 def test_complex_operator_jacobian_real_part_adjoint():
     rng = np.random.default_rng(0)
     M = rng.standard_normal((5, 4)) + 1j * rng.standard_normal((5, 4))
-    op = as_operator(pylops.MatrixMult(M))
+    op = as_operator(pylops.MatrixMult(M, dtype="complex128"))
     assert op.is_complex
     x = torch.randn(2, 4, dtype=F64)
     J = op.jacobian(x)
