@@ -1,6 +1,6 @@
 """invops: memory-efficient invertible networks as nonlinear operators for inverse problems."""
 
-from . import checkpoint, distributed, operators, testing
+from . import checkpoint, distributed, nonlinear, operators, solvers, testing
 from ._reconstruction import set_reconstruction_check
 from .activations import (
     ExpClamp,
@@ -81,6 +81,7 @@ from .networks import (
     NetworkUNet,
     SummarizedNet,
 )
+from .nonlinear import NonlinearOperator
 from .objectives import (
     flow_nll,
     flow_nll_grad,
@@ -142,6 +143,7 @@ __all__ = [
     "NetworkMultiScaleHINT",
     "NetworkRevNet",
     "NetworkUNet",
+    "NonlinearOperator",
     "Parallel",
     "ReLU",
     "ResidualBlock",
@@ -172,6 +174,7 @@ __all__ = [
     "mse_grad",
     "checkpoint",
     "distributed",
+    "nonlinear",
     "operators",
     "plain_autograd",
     "relu",
@@ -180,6 +183,7 @@ __all__ = [
     "sigmoid",
     "sigmoid_derivative",
     "sigmoid_inv",
+    "solvers",
     "split",
     "testing",
 ]

@@ -29,6 +29,7 @@ from ._autodiff import (
     local_grads,
     trainable,
 )
+from .nonlinear import InvertibleOperator, NonlinearOperator
 
 __all__ = [
     "InvertibleModule",
@@ -112,14 +113,15 @@ class _Oriented(torch.nn.Module):
         return self.module._forward(x, *cond)
 
 
-class InvertibleModule(torch.nn.Module):
+class InvertibleModule(InvertibleOperator):
     """Base class of every invertible layer and network: a nonlinear operator.
 
     Subclasses implement ``_forward(x, *cond) -> (y, logdet)`` and
     ``_inverse(y, *cond) -> (x, logdet_inv)`` with differentiable torch ops, where ``logdet`` has
     shape ``(B,)`` and is the log absolute determinant of dy/dx for each sample. They may
     implement ``_validate(x, cond, inverse)`` to check shapes, and ``_pullback`` /
-    ``_pullback_inverse`` to provide a cheaper reverse pass than the generic one.
+    ``_pullback_inverse`` to provide a cheaper reverse pass than the generic one. Every module is
+    a :class:`~invops.NonlinearOperator` (``apply(x)`` is ``y`` alone; ``A @ module`` composes).
 
     Parameters
     ----------
@@ -467,12 +469,18 @@ class InvertibleModule(torch.nn.Module):
         out = (from_torch(dy, kind), from_torch(y, kind))
         return out + (self._dcond_out(dcond, cond, kind),) if self.n_conditions else out
 
-    def vjp(self, dy: Any, y: Any, *cond: Any, dlogdet: Any = None):
+    def vjp(self, dy: Any, y: Any, *cond: Any, dlogdet: Any = None, at: str = "output"):
         """Adjoint Jacobian: ``dx, dtheta, x`` (+ ``dcond``), without touching ``p.grad``.
 
         ``dtheta`` is a tuple ordered as ``parameters()``; frozen parameters
-        (``requires_grad=False``) are constants and get zeros.
+        (``requires_grad=False``) are constants and get zeros. ``at="input"`` takes the input
+        ``x`` instead of ``y`` and returns ``dx, dtheta`` (+ ``dcond``), as every
+        :class:`~invops.NonlinearOperator` does.
         """
+        if at != "output":
+            if dlogdet is not None:
+                raise ValueError("dlogdet: only with at='output'")
+            return NonlinearOperator.vjp(self, dy, y, *cond, at=at)
         kind, x, dx, cond, dcond, grads = self._reverse_public(dy, y, cond, dlogdet, inverse=False)
         dtheta = tuple(from_torch(g, kind) for g in self._ordered_grads(grads))
         out = (from_torch(dx, kind), dtheta, from_torch(x, kind))
@@ -793,7 +801,7 @@ class Parallel(InvertibleModule):
         return self._walk(x, cond, dx, dlogdet, inverse=True)
 
 
-class Block(torch.nn.Module):
+class Block(NonlinearOperator):
     """Base class of non-invertible blocks used inside couplings (activations, residual blocks).
 
     Subclasses implement ``_forward(x, *cond) -> y`` with differentiable torch ops. The block
@@ -824,7 +832,9 @@ class Block(torch.nn.Module):
         accumulate_into_grad(grads)
         return (dx, *dcond) if cond else dx
 
-    def vjp(self, dy: torch.Tensor, x: torch.Tensor, *cond: torch.Tensor):
+    def vjp(self, dy: torch.Tensor, x: torch.Tensor, *cond: torch.Tensor, at: str = "input"):
+        if at != "input":
+            return NonlinearOperator.vjp(self, dy, x, *cond, at=at)  # raises: not invertible
         dx, dcond, grads = self._vjp(dy, x, cond)
         dtheta = tuple(grads.get(p, torch.zeros_like(p)) for p in self.parameters())
         return (dx, dtheta, *dcond) if cond else (dx, dtheta)

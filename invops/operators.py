@@ -20,16 +20,21 @@ import scipy.sparse.linalg
 import torch
 
 from ._arrays import from_torch, to_torch
+from .nonlinear import LinearJacobian, NonlinearOperator, blockdiag, vstack
 
-__all__ = ["Operator", "as_operator", "apply_operator", "apply_adjoint"]
+__all__ = ["Operator", "as_operator", "apply_operator", "apply_adjoint", "vstack", "blockdiag"]
 
 
-class Operator:
+class Operator(NonlinearOperator):
     r"""A linear operator :math:`J` applied to batches of torch tensors.
 
     Build it with :func:`as_operator`. ``apply(x)`` maps ``(B, *model_shape)`` to
     ``(B, *data_shape)`` and ``adjoint(y)`` maps back. ``model_shape`` / ``data_shape`` may be
     None for torch callables, which then accept any shape they accept.
+
+    It is a :class:`~invops.NonlinearOperator` whose Jacobian at any point is the operator
+    itself (on the flattened batch, :math:`I_B \otimes J`), so it composes with networks:
+    ``as_operator(A) @ net``. ``apply`` takes torch, numpy or cupy arrays and is differentiable.
 
     Notes
     -----
@@ -49,8 +54,11 @@ class Operator:
         is_complex: bool,
         name: str,
     ) -> None:
-        self._forward = forward
-        self._adjoint = adjoint
+        super().__init__()
+        # plain attributes: callables that are torch modules must not become sub-modules (their
+        # parameters are not the operator's)
+        object.__setattr__(self, "_forward", forward)
+        object.__setattr__(self, "_adjoint", adjoint)
         self.model_shape = model_shape
         self.data_shape = data_shape
         self.is_complex = is_complex
@@ -127,15 +135,36 @@ class Operator:
             )
         return out
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """:math:`J x` for a batch ``x`` of shape ``(B, *model_shape)``."""
-        self.check_model(x)
-        return self.check_output(self._forward(x), x)
+    def apply(self, x: Any, *cond: Any) -> Any:
+        """:math:`J x` for a batch ``x`` of shape ``(B, *model_shape)`` (differentiable)."""
+        return NonlinearOperator.apply(self, x, *cond)
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         """:math:`J^H y` for a batch (its real part for a complex operator and real models)."""
         self.check_data(y)
         return self.check_output(self._adjoint(y), y, adjoint=True)
+
+    # ---------------------------------------------------------- NonlinearOperator primitives
+    n_conditions = 0
+
+    def _apply_t(self, x: torch.Tensor, cond: tuple) -> torch.Tensor:
+        return apply_operator(self, x)
+
+    def _jvp_t(self, x, cond, dx, dtheta):
+        self.check_model(x)
+        y = self.check_output(self._forward(x), x)
+        return y, torch.zeros_like(y) if dx is None else self.check_output(self._forward(dx), dx)
+
+    def _vjp_t(self, dy, x, cond):
+        self.check_model(x)
+        self.check_data(dy, name="dy")
+        dx = self.check_output(self._adjoint(dy), dy, adjoint=True)
+        return (dx.real if dx.is_complex() and not x.is_complex() else dx), (), {}
+
+    def _linearize(self, x, cond, wrt):
+        self.check_model(x)
+        y = self.check_output(self._forward(x), x)
+        return LinearJacobian(self, x, y, wrt), y
 
 
 # -------------------------------------------------------------------- differentiable application

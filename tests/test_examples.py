@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -99,3 +100,19 @@ def test_train_ddp_with_torchrun_resumes_bit_identically(tmp_path):
     assert got["step"] == 8
     for name, tensor in want["model"].items():
         assert torch.equal(got["model"][name], tensor), name
+
+
+def test_latent_inversion(tmp_path):
+    example = load_example("latent_inversion")
+    out = tmp_path / "figs" / "latent.png"
+    argv = ["--size", "16", "--train", "200", "--test", "3", "--batch", "8"]
+    argv += ["--glow-steps", "15", "--glow-hidden", "8", "--glow-K", "1", "--irim-steps", "3"]
+    argv += ["--lsqr-damps", "0.1", "--lsqr-iter", "10"]
+    results = example.main([*argv, "--gn-iter", "2", "--inner-iter", "3", "--out", str(out)])
+    assert out.is_file() and out.stat().st_size > 10_000
+    for key in ("psnr_lsqr", "psnr_irim", "psnr_latent"):
+        assert math.isfinite(results[key]), (key, results)
+    # the latent solve lowers every held-out model's objective
+    objective = results["info"]["objective"]
+    assert objective.shape == (results["info"]["niter"] + 1, 3)
+    assert np.all(objective[-1] < objective[0]), objective

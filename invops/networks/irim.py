@@ -18,6 +18,7 @@ from ..layers.coupling_hint import CouplingLayerHINT
 from ..layers.coupling_irim import CouplingLayerIRIM
 from ..layers.subnets import IRIM_CONV, Subnet, subnet_factory
 from ..module import Block, Chain, InvertibleModule
+from ..nonlinear import NonlinearOperator
 from ..operators import Operator, apply_adjoint, apply_operator, as_operator
 
 __all__ = ["NetworkLoop", "link_function"]
@@ -161,7 +162,7 @@ class _BoundLoop(InvertibleModule):
             return super()._jvp(*args, **kwargs)
 
 
-class NetworkLoop(torch.nn.Module):
+class NetworkLoop(NonlinearOperator):
     r"""Invertible recurrent inference machine of Putzky and Welling ("Invert to learn to invert").
 
     Parameters
@@ -215,6 +216,10 @@ class NetworkLoop(torch.nn.Module):
 
     ``jacobian`` returns the Jacobian of the packed map
     :math:`\mathrm{cat}(\eta, s) \mapsto \mathrm{cat}(\eta', s')` (channels: :math:`\eta` first).
+
+    As a :class:`~invops.NonlinearOperator` (in composites, e.g. ``P @ loop``), the loop maps the
+    packed state ``x = cat(eta, s)`` with the conditions ``(d, J)``:
+    ``loop.apply(x, d, J) == loop.bind(J).apply(x, d)``.
 
     Examples
     --------
@@ -377,3 +382,28 @@ class NetworkLoop(torch.nn.Module):
         bound = self.bind(J)
         _, x = self._pack(bound, eta, s)
         return bound.jacobian(x, d, wrt=wrt)
+
+    # ----------------------------------------------------------------- as a NonlinearOperator
+    # the packed state cat(eta, s) with the conditions (d, J), through the bound loop
+    n_conditions = 2
+
+    def _bound(self, cond: tuple) -> tuple[InvertibleModule, tuple]:
+        d, J = cond
+        return self.bind(J), (d,)
+
+    def _apply_t(self, x, cond):
+        bound, c = self._bound(cond)
+        return bound._apply_t(x, c)
+
+    def _jvp_t(self, x, cond, dx, dtheta):
+        bound, c = self._bound(cond)
+        return bound._jvp_t(x, c, dx, dtheta)
+
+    def _vjp_t(self, dy, x, cond):
+        bound, c = self._bound(cond)
+        dx, dcond, grads = bound._vjp_t(dy, x, c)
+        return dx, (*dcond, None), grads
+
+    def _linearize(self, x, cond, wrt):
+        bound, c = self._bound(cond)
+        return bound._linearize(x, c, wrt)
