@@ -35,6 +35,7 @@ import math
 
 import torch
 
+from ._autodiff import elementwise_tangent, register_elementwise_tangent
 from ._checks import check_layout
 from .module import Block, InvertibleModule
 
@@ -503,14 +504,32 @@ def galu(x: torch.Tensor) -> torch.Tensor:
     >>> galu(torch.tensor([[3.0, 0.0]])).tolist()
     [[1.5]]
     """
+    x1, x2 = torch.chunk(_galu_checked(x), 2, dim=1)
+    return x1 * torch.sigmoid(x2)
+
+
+def galu_tangent(
+    x: torch.Tensor, dx: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r""":func:`galu` and its tangent :math:`dx_1\,\sigma(x_2) + x_1\,\sigma'(x_2)\,dx_2`."""
+    x1, x2 = torch.chunk(_galu_checked(x), 2, dim=1)
+    gate = torch.sigmoid(x2)
+    y = x1 * gate
+    if dx is None:
+        return y, None
+    dx1, dx2 = torch.chunk(dx, 2, dim=1)
+    return y, torch.ops.aten.sigmoid_backward(dx2, gate).mul_(x1).addcmul_(dx1, gate)
+
+
+def _galu_checked(x: torch.Tensor) -> torch.Tensor:
+    """``x`` after :func:`galu`'s input checks."""
     _check_tensor(x, "x", "galu")
     if x.ndim < 2 or x.shape[1] % 2 != 0:
         raise ValueError(
             "galu: x must be batch-first (B, C, ...) with an even number of channels C, "
             f"got shape {tuple(x.shape)}"
         )
-    x1, x2 = torch.chunk(x, 2, dim=1)
-    return x1 * torch.sigmoid(x2)
+    return x
 
 
 # ---------------------------------------------------------------------------- invertible layers
@@ -532,6 +551,10 @@ class _Elementwise(InvertibleModule):
     def _log_derivative(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _slopes(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:math:`f'(x)` and :math:`(\\log|f'|)'(x)` (None where it is zero), given ``y = f(x)``."""
+        raise NotImplementedError
+
     def _validate(self, x, cond, inverse):
         check_layout(x, None, "y" if inverse else "x", type(self).__name__)
 
@@ -544,6 +567,25 @@ class _Elementwise(InvertibleModule):
     def _inverse(self, y, *cond):
         x = self._f_inv(y)
         return x, -self._sum_per_sample(self._log_derivative(x))
+
+    # forward mode, by hand: the Jacobian is diagonal, f'(x); the logdet's tangent is the sum of
+    # (log|f'|)'(x) dx. A subclass provides the two derivatives in ``_slopes``.
+    _tangent_math = ("_forward", "_inverse", "_f", "_f_inv", "_log_derivative")
+    _tangent_rule_names = ("_tangent_rule", "_slopes")
+
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta, inverse=False):
+        if inverse:
+            y, x = x, self._f_inv(x)
+            slope, curvature = self._slopes(x, y)
+            dx = dx / slope
+            logdet = -self._sum_per_sample(self._log_derivative(x))
+            dlogdet = None if curvature is None else -self._sum_per_sample(curvature * dx)
+            return x, dx, logdet, dlogdet
+        y = self._f(x)
+        slope, curvature = self._slopes(x, y)
+        logdet = self._sum_per_sample(self._log_derivative(x))
+        dlogdet = None if curvature is None else self._sum_per_sample(curvature * dx)
+        return y, slope * dx, logdet, dlogdet
 
 
 class LeakyReLU(_Elementwise):
@@ -595,6 +637,9 @@ class LeakyReLU(_Elementwise):
 
     def _log_derivative(self, x):
         return (x <= 0).to(x.dtype) * math.log(self.slope)
+
+    def _slopes(self, x, y):
+        return leaky_relu_derivative(x, self.slope), None  # piecewise constant logdet
 
 
 class Sigmoid(_Elementwise):
@@ -653,6 +698,11 @@ class Sigmoid(_Elementwise):
 
     def _log_derivative(self, x):
         return _sigmoid_log_derivative(x, self.low, self.high)
+
+    def _slopes(self, x, y):
+        # f' = (y - l)(h - y) / (h - l), and (log f')' = 1 - 2 sigma(x)
+        low, high = self.low, self.high
+        return (y - low) * (high - y) / (high - low), 1.0 - 2.0 * torch.sigmoid(x)
 
 
 class Sigmoid2(Sigmoid):
@@ -736,6 +786,12 @@ class ExpClamp(_Elementwise):
     def _log_derivative(self, x):
         return _exp_clamp_log_derivative(x, self.clamp)
 
+    def _slopes(self, x, y):
+        # f' = a y / (1 + x^2) and (log f')' = (a - 2x) / (1 + x^2), a = 2c / pi
+        a = self.clamp * _TWO_OVER_PI
+        denom = 1.0 + x * x
+        return a * y / denom, (a - 2.0 * x) / denom
+
 
 # ---------------------------------------------------------------------------- blocks
 class ReLU(Block):
@@ -758,6 +814,10 @@ class ReLU(Block):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return relu(x)
 
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta):
+        _check_tensor(x, "x", "relu")
+        return elementwise_tangent(torch.relu, x, dx)
+
 
 class GaLU(Block):
     r"""Sigmoid-gated linear unit as a non-invertible :class:`~invops.Block`.
@@ -777,3 +837,9 @@ class GaLU(Block):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return galu(x)
+
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta):
+        return galu_tangent(x, dx)
+
+
+register_elementwise_tangent(relu, lambda z, dz, y: torch.ops.aten.threshold_backward(dz, z, 0))

@@ -22,11 +22,14 @@ from . import _reconstruction
 from ._arrays import array_kind, from_torch, to_torch
 from ._autodiff import (
     Grads,
+    Tangent,
     accumulate_into_grad,
     add_grads,
+    add_tangents,
     differentiable_copy,
     forward_mode,
     local_grads,
+    tangent_rule_applies,
     trainable,
 )
 from .nonlinear import InvertibleOperator, NonlinearOperator
@@ -97,6 +100,11 @@ def _unaliased(t: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
     except (NotImplementedError, RuntimeError):  # torch.func wrappers have no storage to share
         return t
     return t.clone() if shared else t
+
+
+def _has_tangent(module: torch.nn.Module, dtheta: dict) -> bool:
+    """Whether ``dtheta`` holds a tangent for one of ``module``'s parameters."""
+    return bool(dtheta) and any(p in dtheta for p in module.parameters())
 
 
 class _Oriented(torch.nn.Module):
@@ -210,7 +218,43 @@ class InvertibleModule(InvertibleOperator):
         dinp = dinputs[0] if dinputs[0] is not None else torch.zeros_like(inp)
         return dinp, tuple(dinputs[1:]), grads
 
-    # ------------------------------------------------------------------ forward mode primitive
+    # ------------------------------------------------------------------ forward mode primitives
+    # The math the hand-written tangent rule of a class differentiates: a subclass that
+    # redefines one of these without a rule of its own falls back to dual tensors.
+    _tangent_math: tuple[str, ...] = ("_forward", "_inverse")
+
+    def _tangent(
+        self,
+        x: torch.Tensor,
+        cond: tuple,
+        dx: Tangent,
+        dcond: tuple,
+        dtheta: dict,
+        inverse: bool = False,
+    ) -> tuple[torch.Tensor, Tangent, torch.Tensor, Tangent]:
+        """Forward mode, primal and tangent together: ``(y, dy, logdet, dlogdet)``.
+
+        ``dx``, the entries of ``dcond`` (one per condition) and the returned tangents may be
+        None, meaning zero; ``dtheta`` maps trainable parameters to their tangents (missing:
+        zero). ``inverse`` differentiates the inverse map. The class's hand-written
+        ``_tangent_rule`` (same signature) runs when it has one that matches its math
+        (:func:`~invops._autodiff.tangent_rule_applies`); otherwise dual tensors run through
+        the module's math.
+        """
+        if dx is None and all(d is None for d in dcond) and not _has_tangent(self, dtheta):
+            y, logdet = (self._inverse if inverse else self._forward)(x, *cond)
+            return y, None, logdet, None
+        if tangent_rule_applies(type(self)):
+            return self._tangent_rule(x, cond, dx, dcond, dtheta, inverse)
+        return self._tangent_dual(x, cond, dx, dcond, dtheta, inverse)
+
+    def _tangent_dual(self, x, cond, dx, dcond, dtheta, inverse=False):
+        """The fallback of :meth:`_tangent`: forward-mode AD (dual tensors) through the math."""
+        (y, dy), (logdet, dlogdet) = forward_mode(
+            self, _Oriented(self, inverse), "module.", (x, *cond), (dx, *dcond), dtheta
+        )
+        return y, dy, logdet, dlogdet
+
     def _jvp(
         self,
         x: torch.Tensor,
@@ -220,16 +264,16 @@ class InvertibleModule(InvertibleOperator):
         dtheta: dict | None,
         inverse: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Forward mode; returns ``(y, dy, logdet, dlogdet)`` (see :func:`forward_mode`)."""
-        dx = torch.zeros_like(x) if dx is None else dx
-        (y, dy), (logdet, dlogdet) = forward_mode(
-            self,
-            _Oriented(self, inverse),
-            "module.",
-            (x, *cond),
-            (dx, *(dcond or (None,) * len(cond))),
-            dtheta or {},
-        )
+        """Forward mode; returns ``(y, dy, logdet, dlogdet)`` with zeros for absent tangents.
+
+        Runs :meth:`_tangent` without a graph; tangents of frozen parameters are ignored.
+        """
+        dcond = tuple(dcond) if dcond is not None else (None,) * len(cond)
+        dtheta = {p: t for p, t in (dtheta or {}).items() if p.requires_grad}
+        with torch.no_grad():
+            y, dy, logdet, dlogdet = self._tangent(x, cond, dx, dcond, dtheta, inverse)
+        dy = torch.zeros_like(y) if dy is None else dy
+        dlogdet = torch.zeros_like(logdet) if dlogdet is None else dlogdet
         return y, dy, logdet, dlogdet
 
     # ------------------------------------------------------------------ helpers
@@ -514,6 +558,8 @@ class InvertibleModule(InvertibleOperator):
             )
         dtheta_map = self._tangent_dict(dtheta)
         y, dy, logdet, dlogdet = self._jvp(x, cond, dx_t, dcond_t, dtheta_map)
+        sources = (x, *cond) if dx_t is None else (x, dx_t, *cond)
+        y, dy = _unaliased(y, *sources), _unaliased(dy, *sources)
         out = (from_torch(y, kind), from_torch(dy, kind))
         if self.logdet:
             out += (from_torch(logdet, kind), from_torch(dlogdet, kind))
@@ -589,6 +635,9 @@ class Reversed(InvertibleModule):
 
     def _pullback_inverse(self, x, cond, dx, dlogdet):
         return self.module._pullback(x, cond, dx, dlogdet)
+
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta, inverse=False):
+        return self.module._tangent(x, cond, dx, dcond, dtheta, not inverse)
 
     def reverse(self) -> InvertibleModule:
         return self.module
@@ -686,6 +735,15 @@ class Chain(InvertibleModule):
     def _pullback_inverse(self, x, cond, dx, dlogdet):
         return self._walk(self.layers, x, cond, dx, dlogdet, inverse=True)
 
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta, inverse=False):
+        total, dtotal = x.new_zeros(x.shape[0]), None
+        for m in reversed(self.layers) if inverse else self.layers:
+            n = m.n_conditions
+            x, dx, logdet, dlogdet = m._tangent(x, cond[:n], dx, dcond[:n], dtheta, inverse)
+            total = total + logdet
+            dtotal = add_tangents(dtotal, dlogdet)
+        return x, dx, total, dtotal
+
 
 class Identity(InvertibleModule):
     """The identity map (logdet 0); a placeholder lane in :class:`Parallel`.
@@ -714,6 +772,9 @@ class Identity(InvertibleModule):
 
     def _pullback_inverse(self, x, cond, dx, dlogdet):
         return x, dx, (None,) * len(cond), {}
+
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta, inverse=False):
+        return x, dx, x.new_zeros(x.shape[0]), None
 
 
 class Parallel(InvertibleModule):
@@ -800,6 +861,25 @@ class Parallel(InvertibleModule):
     def _pullback_inverse(self, x, cond, dx, dlogdet):
         return self._walk(x, cond, dx, dlogdet, inverse=True)
 
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta, inverse=False):
+        parts = self._groups(x)
+        dparts = [None] * len(parts) if dx is None else self._groups(dx)
+        outs, douts, total, dtotal = [], [], x.new_zeros(x.shape[0]), None
+        for m, part, dpart in zip(self.lanes, parts, dparts):
+            n = m.n_conditions
+            out, dout, logdet, dlogdet = m._tangent(
+                part, cond[:n], dpart, dcond[:n], dtheta, inverse
+            )
+            outs.append(out)
+            douts.append(dout)
+            total = total + logdet
+            dtotal = add_tangents(dtotal, dlogdet)
+        dy = None
+        if any(d is not None for d in douts):
+            zero = torch.zeros_like
+            dy = torch.cat([zero(o) if d is None else d for o, d in zip(outs, douts)], 1)
+        return torch.cat(outs, dim=1), dy, total, dtotal
+
 
 class Block(NonlinearOperator):
     """Base class of non-invertible blocks used inside couplings (activations, residual blocks).
@@ -839,6 +919,31 @@ class Block(NonlinearOperator):
         dtheta = tuple(grads.get(p, torch.zeros_like(p)) for p in self.parameters())
         return (dx, dtheta, *dcond) if cond else (dx, dtheta)
 
+    # the math a hand-written ``_tangent_rule`` differentiates (see InvertibleModule)
+    _tangent_math: tuple[str, ...] = ("_forward",)
+
+    def _tangent(
+        self, x: torch.Tensor, cond: tuple, dx: Tangent, dcond: tuple, dtheta: dict
+    ) -> tuple[torch.Tensor, Tangent]:
+        """Forward mode, primal and tangent together: ``(y, dy)``.
+
+        Tangents may be None (zero) in and out; ``dcond`` has one entry per condition and
+        ``dtheta`` maps trainable parameters to tangents. Runs the class's ``_tangent_rule``
+        (same signature) when it has one that matches its math, else dual tensors through
+        ``_forward`` (the fallback of :class:`~invops.TorchBlock` and user blocks).
+        """
+        if dx is None and all(d is None for d in dcond) and not _has_tangent(self, dtheta):
+            return self._forward(x, *cond), None
+        if tangent_rule_applies(type(self)):
+            return self._tangent_rule(x, cond, dx, dcond, dtheta)
+        return self._tangent_dual(x, cond, dx, dcond, dtheta)
+
+    def _tangent_dual(self, x, cond, dx, dcond, dtheta):
+        """The fallback of :meth:`_tangent`: forward-mode AD (dual tensors) through ``_forward``."""
+        inputs, tangents = (x, *cond), (dx, *dcond)
+        ((y, dy),) = forward_mode(self, _BlockMath(self), "block.", inputs, tangents, dtheta)
+        return y, dy
+
     def jvp(
         self,
         x: torch.Tensor,
@@ -847,17 +952,21 @@ class Block(NonlinearOperator):
         dtheta: Sequence | None = None,
         dcond: Sequence | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        tangent = dict(zip(self.parameters(), dtheta)) if dtheta is not None else {}
-        dx = torch.zeros_like(x) if dx is None else dx
-        ((y, dy),) = forward_mode(
-            self,
-            _BlockMath(self),
-            "block.",
-            (x, *cond),
-            (dx, *(dcond or (None,) * len(cond))),
-            tangent,
-        )
-        return y, dy
+        """Forward mode: ``y, dy`` (tangents of frozen parameters are ignored)."""
+        params = list(self.parameters())
+        if dtheta is not None and len(dtheta) != len(params):
+            raise ValueError(
+                f"dtheta: expected {len(params)} entries (one per parameter), got {len(dtheta)}"
+            )
+        tangent = {
+            p: d
+            for p, d in zip(params, dtheta if dtheta is not None else ())
+            if d is not None and p.requires_grad
+        }
+        dcond = tuple(dcond) if dcond is not None else (None,) * len(cond)
+        with torch.no_grad():
+            y, dy = self._tangent(x, tuple(cond), dx, dcond, tangent)
+        return y, torch.zeros_like(y) if dy is None else dy
 
 
 class _BlockMath(torch.nn.Module):

@@ -139,6 +139,15 @@ class _OrthogonalRearrangement(InvertibleModule):
         dy, _ = self._forward(dx)
         return y, dy, (), {}
 
+    # forward mode: the map is linear and has no parameters, so the tangent is the map itself;
+    # the rule holds for every subclass (any orthogonal rearrangement)
+    _tangent_math: tuple[str, ...] = ()
+
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta, inverse=False):
+        apply = self._inverse if inverse else self._forward
+        y, logdet = apply(x)
+        return y, None if dx is None else apply(dx)[0], logdet, None
+
 
 class Squeeze(_OrthogonalRearrangement):
     r"""Invertible space-to-depth by a factor 2 along every spatial dimension.

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ._autodiff import functional_state
-from .module import InvertibleModule, plain_autograd
+from .module import InvertibleModule, _Oriented, plain_autograd
 from .operators import Operator
 
 __all__ = [
@@ -253,6 +253,7 @@ def check_against_autograd(
     with_logdet: bool = True,
     seed: int = 0,
     jvp_oracle: str = "torch.func",
+    jvp_rtol: float | None = None,
 ) -> dict[str, float]:
     """Compare every derivative mode of ``module`` with plain torch autograd and ``torch.func``.
 
@@ -260,10 +261,16 @@ def check_against_autograd(
     cotangents, with a non-zero ``dlogdet`` when ``with_logdet`` and the module reports a
     log-determinant) against autograd of the plain forward/inverse, the autograd bridge
     (``loss.backward()``) against :func:`invops.plain_autograd`, and ``jvp`` against
-    ``torch.func.jvp``. Returns the relative errors by name and raises ``AssertionError`` if any
-    exceeds ``rtol`` (default 1e-8 in float64, 1e-3 in float32).
+    ``torch.func.jvp`` (``jvp_oracle="forward_ad"``: dual tensors, for modules that call
+    physics operators on numpy arrays), in both directions: ``jvp`` at ``x`` and the inverse's
+    tangent (``_jvp(..., inverse=True)``) at ``y = forward(x)``. Returns the relative errors by
+    name and raises ``AssertionError`` if any
+    exceeds ``rtol`` (default 1e-8 in float64, 1e-3 in float32); tangents are held to
+    ``jvp_rtol`` (default 1e-10 in float64, 1e-4 in float32), since forward mode involves no
+    recomputation by inversion.
     """
     rtol = (1e-8 if x.dtype == torch.float64 else 1e-3) if rtol is None else rtol
+    jvp_rtol = default_rtol(x.dtype) if jvp_rtol is None else jvp_rtol
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def rand_like(t):
@@ -273,6 +280,7 @@ def check_against_autograd(
     all_params = list(module.parameters())
     use_ld = with_logdet and module.logdet
     errors: dict[str, float] = {}
+    limits: dict[str, float] = {}  # where not rtol
 
     module._ensure_initialized(x, tuple(cond), inverse=False)
     with torch.no_grad():
@@ -341,12 +349,15 @@ def check_against_autograd(
             for i, (a, b) in enumerate(zip(got, ref)):
                 errors[f"bridge:{i}"] = _rel(a, b, floor)
 
-    # forward mode against torch.func.jvp of the plain forward
+    # forward mode against torch.func.jvp of the plain forward, and of the plain inverse at
+    # y = forward(x) (the hand-written tangent rules of both directions)
     dx = rand_like(x)
     dtheta = [rand_like(p) for p in all_params]
     dcond = [rand_like(c) for c in cond]
-    res = module.jvp(x, *cond, dx=dx, dtheta=dtheta, dcond=dcond or None)
     tangents = [d for p, d in zip(all_params, dtheta) if p.requires_grad]
+    res = module.jvp(x, *cond, dx=dx, dtheta=dtheta, dcond=dcond or None)
+    if not module.logdet:
+        res = (*res, None, None)
 
     def f(x_, cond_, params_):
         with plain_autograd():
@@ -356,30 +367,54 @@ def check_against_autograd(
             )
         return out if module.logdet else (out, out.new_zeros(out.shape[0]))
 
-    primals = (x, tuple(cond), tuple(p.detach() for p in params))
-    tangents_all = (dx, tuple(dcond), tuple(tangents))
-    if jvp_oracle == "torch.func":
-        (y_ref, ld_ref), (dy_ref, dld_ref) = torch.func.jvp(f, primals, tangents_all)
-    elif jvp_oracle == "forward_ad":
-        with fwAD.dual_level():
-            duals = torch.utils._pytree.tree_map(fwAD.make_dual, primals, tangents_all)
-            y_d, ld_d = f(*duals)
-            y_ref, dy_ref = fwAD.unpack_dual(y_d)
-            ld_ref, dld_ref = fwAD.unpack_dual(ld_d)
-        dy_ref = torch.zeros_like(y_ref) if dy_ref is None else dy_ref
-        dld_ref = torch.zeros_like(ld_ref) if dld_ref is None else dld_ref
-    else:
-        raise ValueError(f"jvp_oracle: expected 'torch.func' or 'forward_ad', got {jvp_oracle!r}")
-    errors["jvp:output"] = _rel(res[0], y_ref)
-    errors["jvp:tangent"] = _rel(res[1], dy_ref)
-    if module.logdet:
-        ld_scale = max(float(dld_ref.abs().max()), float(dy_ref.abs().max()), 1e-300)
-        errors["jvp:dlogdet"] = float((res[3] - dld_ref).abs().max()) / ld_scale
+    def f_inverse(y_, cond_, params_):
+        oriented = _Oriented(module, inverse=True)
+        with plain_autograd():
+            state = functional_state(oriented, dict(zip(params, params_)))
+            return torch.func.functional_call(
+                oriented, state, (y_, *cond_), strict=False, tie_weights=False
+            )
 
-    bad = {k: v for k, v in errors.items() if not v <= rtol}
+    dy = rand_like(y_point)
+    inv = module._jvp(y_point, tuple(cond), dy, tuple(dcond), dict(zip(params, tangents)), True)
+    for tag, fn, point, direction, got in (
+        ("jvp", f, x, dx, res),
+        ("jvp_inverse", f_inverse, y_point, dy, inv),
+    ):
+        primals = (point, tuple(cond), tuple(p.detach() for p in params))
+        tangents_all = (direction, tuple(dcond), tuple(tangents))
+        ref = _forward_ad_oracle(fn, primals, tangents_all, jvp_oracle)
+        (y_ref, ld_ref), (dy_ref, dld_ref) = ref
+        errors[f"{tag}:output"] = _rel(got[0], y_ref)
+        errors[f"{tag}:tangent"] = _rel(got[1], dy_ref)
+        limits[f"{tag}:tangent"] = jvp_rtol
+        if module.logdet:
+            ld_scale = max(float(dld_ref.abs().max()), float(dy_ref.abs().max()), 1e-300)
+            errors[f"{tag}:dlogdet"] = float((got[3] - dld_ref).abs().max()) / ld_scale
+            limits[f"{tag}:dlogdet"] = jvp_rtol
+
+    bad = {k: v for k, v in errors.items() if not v <= limits.get(k, rtol)}
     if bad:
-        raise AssertionError(f"check_against_autograd: errors above {rtol:.1e}: {bad}")
+        raise AssertionError(
+            f"check_against_autograd: errors above {rtol:.1e} (tangents: {jvp_rtol:.1e}): {bad}"
+        )
     return errors
+
+
+def _forward_ad_oracle(fn, primals, tangents, oracle: str):
+    """``(outputs, output tangents)`` of ``fn`` by ``torch.func.jvp`` or dual tensors."""
+    if oracle == "torch.func":
+        return torch.func.jvp(fn, primals, tangents)
+    if oracle != "forward_ad":
+        raise ValueError(f"jvp_oracle: expected 'torch.func' or 'forward_ad', got {oracle!r}")
+    with fwAD.dual_level():
+        duals = torch.utils._pytree.tree_map(fwAD.make_dual, primals, tangents)
+        y_d, ld_d = fn(*duals)
+        y_ref, dy_ref = fwAD.unpack_dual(y_d)
+        ld_ref, dld_ref = fwAD.unpack_dual(ld_d)
+    dy_ref = torch.zeros_like(y_ref) if dy_ref is None else dy_ref
+    dld_ref = torch.zeros_like(ld_ref) if dld_ref is None else dld_ref
+    return (y_ref, ld_ref), (dy_ref, dld_ref)
 
 
 def check_logdet(

@@ -28,21 +28,34 @@ LAWS = {
 }
 
 
+def _zero_if_none(t, like):
+    return torch.zeros_like(like) if t is None else t
+
+
 @pytest.mark.parametrize("name", LAWS)
 @pytest.mark.parametrize("with_dh", [True, False])
-def test_law_tangent_equals_forward_ad(name, with_dh):
+@pytest.mark.parametrize("with_dx", [True, False])
+def test_law_tangent_equals_forward_ad(name, with_dh, with_dx):
+    """``tangent`` and ``tangent_inverse`` against ``torch.func.jvp`` of ``forward`` and
+    ``inverse``; a None tangent is zero, in and out."""
     law = LAWS[name]()
     gen = torch.Generator().manual_seed(2)
     x = 1.5 * torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
     h = torch.randn(3, law.n_params * 4, 5, generator=gen, dtype=torch.float64)
-    dx = torch.randn_like(x)
-    dh = torch.randn_like(h) if with_dh else None
-    y, dy, ld, dld = law.tangent(x, h, dx, dh)
-    (y_ref, ld_ref), (dy_ref, dld_ref) = torch.func.jvp(
-        law.forward, (x, h), (dx, torch.zeros_like(h) if dh is None else dh)
-    )
-    for got, ref in ((y, y_ref), (dy, dy_ref), (ld, ld_ref), (dld, dld_ref)):
-        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    dx = torch.randn(x.shape, generator=gen, dtype=torch.float64) if with_dx else None
+    dh = torch.randn(h.shape, generator=gen, dtype=torch.float64) if with_dh else None
+    y_point, _ = law.forward(x, h)
+    for method, fn, point in (
+        (law.tangent, law.forward, x),
+        (law.tangent_inverse, law.inverse, y_point),
+    ):
+        out, dout, ld, dld = method(point, h, dx, dh)
+        (out_ref, ld_ref), (dout_ref, dld_ref) = torch.func.jvp(
+            fn, (point, h), (_zero_if_none(dx, x), _zero_if_none(dh, h))
+        )
+        pairs = ((out, out_ref), (_zero_if_none(dout, out), dout_ref), (ld, ld_ref))
+        for got, ref in (*pairs, (_zero_if_none(dld, ld), dld_ref)):
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", LAWS)

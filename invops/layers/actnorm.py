@@ -175,3 +175,65 @@ class ActNorm(InvertibleModule):
         s = channel_view(self.log_scale, y.ndim)
         t = channel_view(self.bias, y.ndim)
         return (y - t) * (-s).exp(), -self._logdet(y)
+
+    # -- forward mode, by hand
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta, inverse=False):
+        r""":math:`dy = e^{s}(dx + ds\,x) + dt`; inverse :math:`dx = e^{-s}(dy - dt) - ds\,x`."""
+        if not self._ready:
+            self._initialize(x.detach(), inverse=inverse)
+        ds, dt = dtheta.get(self.log_scale), dtheta.get(self.bias)
+        out, dout, logdet, dlogdet = scale_shift_tangent(
+            x,
+            dx,
+            channel_view(self.log_scale, x.ndim),
+            channel_view(self.bias, x.ndim),
+            None if ds is None else channel_view(ds, x.ndim),
+            None if dt is None else channel_view(dt, x.ndim),
+            inverse,
+        )
+        n_points = math.prod(x.shape[2:])
+        logdet = (n_points * self.log_scale.sum()).expand(x.shape[0])
+        dlogdet = None if ds is None else (n_points * ds.sum()).expand(x.shape[0])
+        if inverse:
+            return out, dout, -logdet, None if dlogdet is None else -dlogdet
+        return out, dout, logdet, dlogdet
+
+
+def scale_shift_tangent(x, dx, s, t, ds, dt, inverse: bool):
+    r"""``y = x e^s + t`` (or its inverse ``(x - t) e^{-s}``) with its tangent.
+
+    ``s``, ``t`` and their tangents ``ds``, ``dt`` (None: zero) broadcast against ``x``. Returns
+    ``(y, dy, None, None)``; the caller adds the log-determinant, which depends on the layout.
+    """
+    has_params = ds is not None or dt is not None
+    if inverse:
+        scale = (-s).exp()
+        out = (x - t) * scale
+    else:
+        scale = s.exp()
+        out = x * scale + t
+    if dx is not None:
+        dout = dx * scale
+    elif has_params:
+        dout = torch.zeros_like(out)
+    else:
+        return out, None, None, None
+    if inverse:  # dx = e^{-s} (dy - dt) - ds x
+        if dt is not None:
+            dout.sub_(dt * scale)
+        if ds is not None:
+            dout.sub_(ds * out)
+    else:  # dy = e^{s} (dx + ds x) + dt
+        if ds is not None:
+            dout.addcmul_(ds * scale, x)
+        if dt is not None:
+            dout.add_(dt)
+    return out, dout, None, None
+    scale = s.exp()
+    out = x * scale + t
+    dout = None if dx is None else dx * scale
+    if ds is not None:
+        dout = ds * scale * x if dout is None else dout.add_(ds * scale * x)
+    if dt is not None:
+        dout = dt.expand_as(out).clone() if dout is None else dout.add_(dt)
+    return out, dout, None, None

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from ..module import InvertibleModule
+from .actnorm import scale_shift_tangent
 
 __all__ = ["AffineLayer"]
 
@@ -63,3 +64,11 @@ class AffineLayer(InvertibleModule):
 
     def _inverse(self, y, *cond):
         return (y - self.bias) * (-self.log_scale).exp(), -self.log_scale.sum().expand(y.shape[0])
+
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta, inverse=False):
+        ds, dt = dtheta.get(self.log_scale), dtheta.get(self.bias)
+        out, dout, _, _ = scale_shift_tangent(x, dx, self.log_scale, self.bias, ds, dt, inverse)
+        sign = -1.0 if inverse else 1.0
+        logdet = sign * self.log_scale.sum().expand(x.shape[0])
+        dlogdet = None if ds is None else sign * ds.sum().expand(x.shape[0])
+        return out, dout, logdet, dlogdet

@@ -13,7 +13,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..activations import galu
+from .._autodiff import add_tangents, conv_tangent, elementwise_tangent, linear_tangent
+from ..activations import galu, galu_tangent
 from ..module import Block
 
 __all__ = ["ResidualBlock", "ConditionalResidualBlock", "TorchBlock", "MLPBlock"]
@@ -150,6 +151,17 @@ class ResidualBlock(Block):
     def extra_repr(self) -> str:
         return f"{self.n_in}, {self.n_hidden}, n_out={self.n_out}, ndim={self.ndim}, fan={self.fan}"
 
+    def _inner_fits(self, x2: torch.Tensor) -> bool:
+        return all(n + 2 * self.p2 >= self.k2 for n in x2.shape[2:])
+
+    def _check_inner(self, x2: torch.Tensor, inner: torch.Tensor | None) -> None:
+        if inner is None or inner.shape != x2.shape:
+            raise ValueError(
+                f"{type(self).__name__}: the inner convolution (k2={self.k2}, p2={self.p2}, "
+                f"s2={self.s2}) must preserve the hidden shape {tuple(x2.shape)}"
+                + ("" if inner is None else f", got {tuple(inner.shape)}")
+            )
+
     def _hidden(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         check_kernel_fits(x, self.k1, self.p1, type(self).__name__)
         conv = _CONV[self.ndim]
@@ -159,15 +171,10 @@ class ResidualBlock(Block):
         x2 = self.activation(y1)
         inner = (
             conv(x2, self.W2, self.b2, stride=self.s2, padding=self.p2)
-            if all(n + 2 * self.p2 >= self.k2 for n in x2.shape[2:])
+            if self._inner_fits(x2)
             else None
         )
-        if inner is None or inner.shape != x2.shape:
-            raise ValueError(
-                f"{type(self).__name__}: the inner convolution (k2={self.k2}, p2={self.p2}, "
-                f"s2={self.s2}) must preserve the hidden shape {tuple(x2.shape)}"
-                + ("" if inner is None else f", got {tuple(inner.shape)}")
-            )
+        self._check_inner(x2, inner)
         return self.activation(x2 + inner)
 
     def _output(self, x3: torch.Tensor, size: torch.Size) -> torch.Tensor:
@@ -185,6 +192,50 @@ class ResidualBlock(Block):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.n_in, self.ndim, "ResidualBlock")
         return self._output(self._hidden(x), x.shape[2:])
+
+    # -- forward mode, by hand: every convolution with its tangent, activations by their kernels
+    _tangent_math = ("_forward", "_hidden", "_output")
+
+    def _hidden_tangent(self, x, dx, dtheta, extra=None, dextra=None):
+        check_kernel_fits(x, self.k1, self.p1, type(self).__name__)
+        conv, act, get = _CONV[self.ndim], self.activation, dtheta.get
+        W1, W2, b1, b2 = self.W1, self.W2, self.b1, self.b2
+        y1, dy1 = conv_tangent(
+            conv, x, dx, W1, get(W1), b1, get(b1), stride=self.s1, padding=self.p1
+        )
+        if extra is not None:
+            y1, dy1 = y1.add_(extra), add_tangents(dy1, dextra)
+        x2, dx2 = elementwise_tangent(act, y1, dy1)
+        inner, dinner = None, None
+        if self._inner_fits(x2):
+            inner, dinner = conv_tangent(
+                conv, x2, dx2, W2, get(W2), b2, get(b2), stride=self.s2, padding=self.p2
+            )
+        self._check_inner(x2, inner)
+        return elementwise_tangent(act, inner.add_(x2), add_tangents(dinner, dx2))
+
+    def _output_tangent(self, x3, dx3, size, dtheta):
+        y3, dy3 = conv_tangent(
+            _CONV_T[self.ndim],
+            x3,
+            dx3,
+            self.W3,
+            dtheta.get(self.W3),
+            transposed=True,
+            stride=self.s1,
+            padding=self.p1,
+            output_padding=restoring_padding(x3, size, self.k1, self.p1, self.s1),
+        )
+        if not self.fan:
+            return galu_tangent(y3, dy3)
+        if self.final_activation:
+            return elementwise_tangent(self.activation, y3, dy3)
+        return y3, dy3
+
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta):
+        _check_input(x, self.n_in, self.ndim, "ResidualBlock")
+        x3, dx3 = self._hidden_tangent(x, dx, dtheta)
+        return self._output_tangent(x3, dx3, x.shape[2:], dtheta)
 
 
 class ConditionalResidualBlock(ResidualBlock):
@@ -223,25 +274,45 @@ class ConditionalResidualBlock(ResidualBlock):
         k = self.k1**self.ndim
         self.W0 = _glorot((n_hidden, n_cond, *(self.k1,) * self.ndim), n_cond * k, n_hidden * k)
 
-    def _forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def _condition_image(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The condition as an image of ``x``'s spatial size (a dense one is broadcast)."""
         owner = "ConditionalResidualBlock"
-        _check_input(x, self.n_in, self.ndim, owner)
         if c.ndim == 2 and c.shape[1] == self.n_cond and c.shape[0] == x.shape[0]:
-            image = c.reshape(*c.shape, *([1] * self.ndim)).expand(*c.shape, *x.shape[2:])
-            extra = _CONV[self.ndim](image, self.W0, stride=self.s1, padding=self.p1)
-        elif (
+            return c.reshape(*c.shape, *([1] * self.ndim)).expand(*c.shape, *x.shape[2:])
+        if (
             c.ndim == x.ndim
             and c.shape[:2] == (x.shape[0], self.n_cond)
             and c.shape[2:] == x.shape[2:]
         ):
-            extra = _CONV[self.ndim](c, self.W0, stride=self.s1, padding=self.p1)
-        else:
-            raise ValueError(
-                f"{owner}: condition must have shape ({x.shape[0]}, {self.n_cond}) or "
-                f"({x.shape[0]}, {self.n_cond}, {', '.join(map(str, x.shape[2:]))}), "
-                f"got {tuple(c.shape)}"
-            )
+            return c
+        raise ValueError(
+            f"{owner}: condition must have shape ({x.shape[0]}, {self.n_cond}) or "
+            f"({x.shape[0]}, {self.n_cond}, {', '.join(map(str, x.shape[2:]))}), "
+            f"got {tuple(c.shape)}"
+        )
+
+    def _forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        _check_input(x, self.n_in, self.ndim, "ConditionalResidualBlock")
+        image = self._condition_image(x, c)
+        extra = _CONV[self.ndim](image, self.W0, stride=self.s1, padding=self.p1)
         return self._output(self._hidden(x, extra), x.shape[2:])
+
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta):
+        _check_input(x, self.n_in, self.ndim, "ConditionalResidualBlock")
+        (c,), (dc,) = cond, dcond
+        image = self._condition_image(x, c)
+        dimage = None if dc is None else self._condition_image(x, dc)
+        extra, dextra = conv_tangent(
+            _CONV[self.ndim],
+            image,
+            dimage,
+            self.W0,
+            dtheta.get(self.W0),
+            stride=self.s1,
+            padding=self.p1,
+        )
+        x3, dx3 = self._hidden_tangent(x, dx, dtheta, extra, dextra)
+        return self._output_tangent(x3, dx3, x.shape[2:], dtheta)
 
 
 class TorchBlock(Block):
@@ -332,3 +403,26 @@ class MLPBlock(Block):
         for layer in self.layers[:-1]:
             h = self.activation(layer(h))
         return self.layers[-1](h)
+
+    _tangent_math = ("_forward",)
+
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta):
+        h = torch.cat([x, *cond], dim=1) if cond else x
+        dh = dx
+        if cond and not (dx is None and all(d is None for d in dcond)):
+            parts = [x, *cond]
+            dh = torch.cat(
+                [torch.zeros_like(t) if d is None else d for t, d in zip(parts, (dx, *dcond))], 1
+            )
+        if h.ndim != 2 or h.shape[1] != self.n_in:
+            raise ValueError(
+                f"MLPBlock: input (with conditions concatenated) must have shape (B, {self.n_in}), "
+                f"got {tuple(h.shape)}"
+            )
+        get = dtheta.get
+        for i, layer in enumerate(self.layers):
+            w, b = layer.weight, layer.bias
+            h, dh = linear_tangent(h, dh, w, get(w), b, None if b is None else get(b))
+            if i < len(self.layers) - 1:
+                h, dh = elementwise_tangent(self.activation, h, dh)
+        return h, dh

@@ -85,3 +85,36 @@ class Conv1x1(InvertibleModule):
 
     def _inverse(self, y, *cond):
         return self._mix(self.matrix().T, y), y.new_zeros(y.shape[0])
+
+    # -- forward mode, by hand
+    def _matrix_tangent(self, dv: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        r""":math:`W` and its tangent :math:`dW` for reflection tangents ``dv`` (None: 0).
+
+        Each rank-one update :math:`W \leftarrow W - c\,(Wv)v^T`, :math:`c = 2/v^Tv`, has the
+        tangent :math:`dW \leftarrow dW - dc\,(Wv)v^T - c\,(dW\,v + W\,dv)v^T -
+        c\,(Wv)\,dv^T` with :math:`dc = -2c\,v^T dv / v^Tv`: :math:`O(m k^2)`, like ``matrix``.
+        """
+        if dv is None:
+            return self.matrix(), None
+        v = self.vectors
+        w = torch.eye(self.n_channels, dtype=v.dtype, device=v.device)
+        dw = torch.zeros_like(w)
+        for vi, dvi in zip(v, dv):
+            norm = vi.dot(vi)
+            c = 2.0 / norm
+            dc = -2.0 * c * vi.dot(dvi) / norm
+            a = w @ vi
+            da = dw @ vi + w @ dvi
+            dw = dw - dc * torch.outer(a, vi) - c * (torch.outer(da, vi) + torch.outer(a, dvi))
+            w = w - c * torch.outer(a, vi)
+        return w, dw
+
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta, inverse=False):
+        w, dw = self._matrix_tangent(dtheta.get(self.vectors))
+        if inverse:
+            w, dw = w.T, None if dw is None else dw.T
+        y = self._mix(w, x)
+        dy = None if dx is None else self._mix(w, dx)
+        if dw is not None:
+            dy = self._mix(dw, x) if dy is None else dy.add_(self._mix(dw, x))
+        return y, dy, x.new_zeros(x.shape[0]), None

@@ -101,10 +101,52 @@ class Conv1x1LU(InvertibleModule):
     def _forward(self, x, *cond):
         return torch.einsum("oc,bc...->bo...", self.matrix(), x), self._logdet(x)
 
-    def _inverse(self, y, *cond):
-        lower, upper = self._factors()
+    def _solve(self, lower: torch.Tensor, upper: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """:math:`W^{-1} y` by two triangular solves."""
         # (B, C, points): one broadcast triangular solve for every rank, dense included
         z = y.reshape(y.shape[0], self.n_channels, -1)[:, torch.argsort(self.perm)]
         z = torch.linalg.solve_triangular(lower, z, upper=False, unitriangular=True)
-        x = torch.linalg.solve_triangular(upper, z, upper=True)
-        return x.reshape(y.shape), -self._logdet(y)
+        return torch.linalg.solve_triangular(upper, z, upper=True).reshape(y.shape)
+
+    def _inverse(self, y, *cond):
+        lower, upper = self._factors()
+        return self._solve(lower, upper, y), -self._logdet(y)
+
+    # -- forward mode, by hand
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta, inverse=False):
+        r"""``y = Wx``, ``dy = W dx + dW x``; inverse ``dx = W^{-1}(dy - dW x)``.
+
+        :math:`dW = P(dL\,U + L\,dU)` with :math:`dL`, :math:`dU` the strictly triangular
+        parts of the tangents and :math:`dU` also holding :math:`\mathrm{diag}(\sigma e^s
+        ds)`; the logdet's tangent is :math:`N \sum ds`.
+        """
+        lower, upper = self._factors()
+        get = dtheta.get
+        dl, du, ds = get(self.lower), get(self.upper), get(self.log_s)
+        dw = None
+        if dl is not None or du is not None or ds is not None:
+            dlow = torch.zeros_like(lower) if dl is None else dl.tril(-1)
+            dup = torch.zeros_like(upper) if du is None else du.triu(1)
+            if ds is not None:
+                dup = dup + torch.diag(self.sign_s * self.log_s.exp() * ds)
+            dw = (dlow @ upper + lower @ dup)[self.perm]
+        n_points = math.prod(x.shape[2:])
+        dlogdet = None if ds is None else (n_points * ds.sum()).expand(x.shape[0])
+        mix = _mix
+        if inverse:
+            out = self._solve(lower, upper, x)
+            rhs = dx
+            if dw is not None:
+                rhs = -mix(dw, out) if rhs is None else rhs - mix(dw, out)
+            dout = None if rhs is None else self._solve(lower, upper, rhs)
+            return out, dout, -self._logdet(x), None if dlogdet is None else -dlogdet
+        w = (lower @ upper)[self.perm]
+        out = mix(w, x)
+        dout = None if dx is None else mix(w, dx)
+        if dw is not None:
+            dout = mix(dw, x) if dout is None else dout.add_(mix(dw, x))
+        return out, dout, self._logdet(x), dlogdet
+
+
+def _mix(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("oc,bc...->bo...", w, x)

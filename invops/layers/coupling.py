@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .._autodiff import Grads, differentiable_copy, local_grads, trainable
-from ..module import InvertibleModule
+from .._autodiff import Grads, Tangent, differentiable_copy, forward_mode, local_grads, trainable
+from ..module import InvertibleModule, _has_tangent
 from .laws import CouplingLaw, as_law, bounded_scale
 from .subnets import Subnet, build_subnet
 
@@ -191,6 +191,39 @@ class Coupling(InvertibleModule):
     def _inverse(self, y, *cond):
         return self._transform(y, cond, inverse=True)
 
+    # -- forward mode, by hand: the conditioner's tangent, then the law's
+    _tangent_math = ("_forward", "_inverse", "_transform", "_conditioner", "_split", "_merge")
+
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta, inverse=False):
+        fixed, changed = self._split(x)
+        dfixed, dchanged = (None, None) if dx is None else self._split(dx)
+        if self.cond_transform is not None:
+            c, dc, _, _ = self.cond_transform._tangent(cond[0], (), dcond[0], (), dtheta)
+            cond, dcond = (c, *cond[1:]), (dc, *dcond[1:])
+        if fixed is None:
+            h, dh = self.subnet._tangent(cond[0], cond[1:], dcond[0], dcond[1:], dtheta)
+        else:
+            h, dh = self.subnet._tangent(fixed, cond, dfixed, dcond, dtheta)
+        self.law.check(h, self.n_changed, self.owner)
+        out, dout, logdet, dlogdet = self._law_tangent(changed, h, dchanged, dh, dtheta, inverse)
+        y = self._merge(fixed, out)
+        if dout is None and dfixed is None:
+            return y, None, logdet, dlogdet
+        if fixed is not None:
+            dfixed = torch.zeros_like(fixed) if dfixed is None else dfixed
+            dout = torch.zeros_like(out) if dout is None else dout
+        return y, self._merge(dfixed, dout), logdet, dlogdet
+
+    def _law_tangent(self, x, h, dx: Tangent, dh: Tangent, dtheta: dict, inverse: bool):
+        law = self.law
+        if not _has_tangent(law, dtheta):
+            return (law.tangent_inverse if inverse else law.tangent)(x, h, dx, dh)
+        # a law with learned parameters of its own: dual tensors through its math
+        (y, dy), (logdet, dlogdet) = forward_mode(
+            law, _LawMath(law, inverse), "law.", (x, h), (dx, dh), dtheta
+        )
+        return y, dy, logdet, dlogdet
+
     # -- reverse mode with one conditioner evaluation
     def _one_pass(self, out, cond, dout, dlogdet, inverse: bool):
         fixed, changed_out = self._split(out)
@@ -225,3 +258,14 @@ class Coupling(InvertibleModule):
 
     def _pullback_inverse(self, x, cond, dx, dlogdet):
         return self._one_pass(x, cond, dx, dlogdet, inverse=True)
+
+
+class _LawMath(torch.nn.Module):
+    """Calls one direction of a law, for :func:`~invops._autodiff.forward_mode`."""
+
+    def __init__(self, law: CouplingLaw, inverse: bool) -> None:
+        super().__init__()
+        self.law, self.inverse = law, inverse
+
+    def forward(self, x, h):
+        return (self.law.inverse if self.inverse else self.law.forward)(x, h)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from .._autodiff import conv_tangent, elementwise_tangent
 from ..module import Block, Chain, InvertibleModule, Parallel
 from ..squeeze import HaarSqueeze
 from .blocks import _CONV, _CONV_T, _glorot, check_kernel_fits, restoring_padding
@@ -41,6 +42,29 @@ class _Leapfrog(Block):
         back = _CONV_T[self.ndim](h, self.W, stride=self.s, padding=self.p, output_padding=pad)
         return 2.0 * c - self.alpha * back
 
+    def _tangent_rule(self, c, cond, dc, dcond, dtheta):
+        check_kernel_fits(c, self.k, self.p, "HyperbolicLayer")
+        w, dw, b, db = self.W, dtheta.get(self.W), self.b, dtheta.get(self.b)
+        z, dz = conv_tangent(_CONV[self.ndim], c, dc, w, dw, b, db, stride=self.s, padding=self.p)
+        h, dh = elementwise_tangent(self.activation, z, dz)
+        pad = restoring_padding(h, c.shape[2:], self.k, self.p, self.s)
+        back, dback = conv_tangent(
+            _CONV_T[self.ndim],
+            h,
+            dh,
+            w,
+            dw,
+            transposed=True,
+            stride=self.s,
+            padding=self.p,
+            output_padding=pad,
+        )
+        out = back.mul_(-self.alpha).add_(c, alpha=2.0)
+        if dback is None:
+            return out, None if dc is None else 2.0 * dc
+        dout = dback.mul_(-self.alpha)
+        return out, dout if dc is None else dout.add_(dc, alpha=2.0)
+
 
 class _LeapfrogAround(Block):
     """:math:`c \\mapsto 2c - F(c)` for a user's residual function :math:`F`."""
@@ -51,6 +75,13 @@ class _LeapfrogAround(Block):
 
     def _forward(self, c):
         return 2.0 * c - self.residual(c)
+
+    def _tangent_rule(self, c, cond, dc, dcond, dtheta):
+        r, dr = self.residual._tangent(c, (), dc, (), dtheta)
+        out = 2.0 * c - r
+        if dr is None:
+            return out, None if dc is None else 2.0 * dc
+        return out, -dr if dc is None else 2.0 * dc - dr
 
 
 class _SwapHalves(InvertibleModule):
@@ -66,6 +97,10 @@ class _SwapHalves(InvertibleModule):
         return self._forward(y)[0], self._forward(dy)[0], (), {}
 
     _pullback_inverse = _pullback
+
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta, inverse=False):
+        y, logdet = self._forward(x)
+        return y, None if dx is None else self._forward(dx)[0], logdet, None
 
 
 class HyperbolicLayer(Chain):

@@ -8,7 +8,10 @@ element-wise bijection :math:`\tau` is the *law*. A law is a small object:
 - ``forward(x, h) -> (y, logdet)`` and ``inverse(y, h) -> (x, -logdet)``, with ``logdet`` the
   per-sample log absolute determinant, shape ``(B,)``;
 - optionally ``tangent(x, h, dx, dh) -> (y, dy, logdet, dlogdet)``, the forward mode written
-  out (the default differentiates ``forward`` with ``torch.func.jvp``).
+  out (the default differentiates ``forward`` with ``torch.func.jvp``), and
+  ``tangent_inverse(y, h, dy, dh) -> (x, dx, logdet_inv, dlogdet_inv)``, that of the inverse
+  (the default solves the forward tangent, which is diagonal in ``x``). Tangents may be None,
+  meaning zero.
 
 ``h`` has ``n_params * n`` channels in parameter-major order: channel ``k * n + c`` is parameter
 ``k`` of changed channel ``c`` (so ``h.unflatten(1, (n_params, n))`` separates them). Laws are
@@ -95,12 +98,30 @@ class CouplingLaw(torch.nn.Module):
         raise NotImplementedError
 
     def tangent(
-        self, x: torch.Tensor, h: torch.Tensor, dx: torch.Tensor, dh: torch.Tensor | None
+        self, x: torch.Tensor, h: torch.Tensor, dx: torch.Tensor | None, dh: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward mode ``(y, dy, logdet, dlogdet)`` for tangents ``dx`` and ``dh`` (None: 0)."""
+        dx = torch.zeros_like(x) if dx is None else dx
         dh = torch.zeros_like(h) if dh is None else dh
         (y, logdet), (dy, dlogdet) = torch.func.jvp(self.forward, (x, h), (dx, dh))
         return y, dy, logdet, dlogdet
+
+    def tangent_inverse(
+        self, y: torch.Tensor, h: torch.Tensor, dy: torch.Tensor | None, dh: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        r"""Forward mode of the inverse: ``(x, dx, logdet_inv, dlogdet_inv)`` (None: 0).
+
+        The default uses :meth:`tangent` at :math:`x = \tau^{-1}(y; h)`: the law is
+        element-wise, so :math:`dy = \tau'(x)\,dx + \partial_h\tau\,dh` is solved for
+        :math:`dx` entry by entry (three calls of :meth:`tangent`).
+        """
+        x, logdet_inv = self.inverse(y, h)
+        _, slope, _, _ = self.tangent(x, h, torch.ones_like(x), None)
+        _, shift, _, _ = self.tangent(x, h, None, dh)
+        dx = (torch.zeros_like(y) if dy is None else dy) - shift
+        dx = dx / slope
+        _, _, _, dlogdet = self.tangent(x, h, dx, dh)
+        return x, dx, logdet_inv, -dlogdet
 
     def check(self, h: torch.Tensor, n: int, owner: str) -> None:
         """Raise ``ValueError`` unless ``h`` has ``n_params * n`` channels."""
@@ -157,15 +178,31 @@ class Affine(CouplingLaw):
         s, log_s, t = self._coefficients(h)
         return (y - t) / s, -per_sample(log_s)
 
+    def _dlog_scale(self, s: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
+        # d log S / da = (S - l)(h - S) / ((h - l) S): the sigmoid's derivative, divided by S
+        return (s - self.low) * (self.high - s) / ((self.high - self.low) * s) * da
+
     def tangent(self, x, h, dx, dh):
         s, log_s, t = self._coefficients(h)
         y = s * x + t
         if dh is None:
-            return y, s * dx, per_sample(log_s), x.new_zeros(x.shape[0])
+            return y, None if dx is None else s * dx, per_sample(log_s), None
         da, dt = dh.chunk(2, dim=1)
-        # d log S / da = (S - l)(h - S) / ((h - l) S): the sigmoid's derivative, divided by S
-        dlog_s = (s - self.low) * (self.high - s) / ((self.high - self.low) * s) * da
-        return y, s * (dx + dlog_s * x) + dt, per_sample(log_s), per_sample(dlog_s)
+        dlog_s = self._dlog_scale(s, da)
+        dlogdet = per_sample(dlog_s)
+        inner = dlog_s.mul_(x) if dx is None else dlog_s.mul_(x).add_(dx)
+        return y, inner.mul_(s).add_(dt), per_sample(log_s), dlogdet
+
+    def tangent_inverse(self, y, h, dy, dh):
+        s, log_s, t = self._coefficients(h)
+        x = (y - t) / s
+        if dh is None:
+            return x, None if dy is None else dy / s, -per_sample(log_s), None
+        da, dt = dh.chunk(2, dim=1)
+        dlog_s = self._dlog_scale(s, da)
+        # y = S x + T  =>  dx = (dy - dT) / S - x dlog S
+        dx = (-dt if dy is None else dy - dt).div_(s).sub_(dlog_s * x)
+        return x, dx, -per_sample(log_s), -per_sample(dlog_s)
 
 
 class Additive(CouplingLaw):
@@ -180,8 +217,10 @@ class Additive(CouplingLaw):
         return y - h, y.new_zeros(y.shape[0])
 
     def tangent(self, x, h, dx, dh):
-        zero = x.new_zeros(x.shape[0])
-        return x + h, dx if dh is None else dx + dh, zero, zero
+        return x + h, _plus(dx, dh), x.new_zeros(x.shape[0]), None
+
+    def tangent_inverse(self, y, h, dy, dh):
+        return y - h, _minus(dy, dh), y.new_zeros(y.shape[0]), None
 
 
 class Negate(CouplingLaw):
@@ -200,8 +239,22 @@ class Negate(CouplingLaw):
         return h - y, y.new_zeros(y.shape[0])
 
     def tangent(self, x, h, dx, dh):
-        zero = x.new_zeros(x.shape[0])
-        return h - x, -dx if dh is None else dh - dx, zero, zero
+        return h - x, _minus(dh, dx), x.new_zeros(x.shape[0]), None
+
+    def tangent_inverse(self, y, h, dy, dh):
+        return h - y, _minus(dh, dy), y.new_zeros(y.shape[0]), None
+
+
+def _plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def _minus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if b is None:
+        return a
+    return -b if a is None else a - b
 
 
 _NAMED = {"affine": Affine, "additive": Additive, "negate": Negate}

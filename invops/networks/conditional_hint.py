@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .._autodiff import Grads, add_grads
+from .._autodiff import Grads, add_grads, add_tangents
 from ..layers.actnorm import ActNorm
 from ..layers.conditional import ConditionLane
 from ..layers.conv1x1 import Conv1x1
@@ -132,6 +132,55 @@ class TwoLane(InvertibleModule):
             total = total + logdet
             y, _ = y_step._inverse(y)
         return self._up(z), total
+
+    # -- forward mode, by hand: the walks of _forward and _inverse with tangents
+    def _down_tangent(self, t):
+        return None if t is None else self._down(t)
+
+    def _up_tangent(self, t):
+        return None if t is None else self._up(t)
+
+    @staticmethod
+    def _parts_tangent(t, split):
+        return (None, None) if t is None else _parts(t, split)
+
+    def _deeper_tangent(self, x, y, dx, dy, dtheta, inverse):
+        (xa, xb), (ya, _) = _parts(x, self.split), _parts(y, self.split)
+        dxa, dxb = self._parts_tangent(dx, self.split)
+        dya, _ = self._parts_tangent(dy, self.split)
+        xa, dxa, logdet, dlogdet = self.deeper._tangent(xa, (ya,), dxa, (dya,), dtheta, inverse)
+        if dxa is None and dxb is None:
+            dx = None
+        else:
+            dxa = torch.zeros_like(xa) if dxa is None else dxa
+            dxb = torch.zeros_like(xb) if dxb is None else dxb
+            dx = torch.cat((dxa, dxb), 1)
+        return torch.cat((xa, xb), 1), dx, logdet, dlogdet
+
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta, inverse=False):
+        (y,), (dy,) = cond, dcond
+        x, dx = self._down(x), self._down_tangent(dx)
+        y, dy = self._down(y), self._down_tangent(dy)
+        total, dtotal = x.new_zeros(x.shape[0]), None
+        if not inverse:
+            for x_step, y_step in zip(self.x_steps, self.y_steps):
+                y, dy, _, _ = y_step._tangent(y, (), dy, (), dtheta)
+                x, dx, logdet, dlogdet = x_step._tangent(x, (y,), dx, (dy,), dtheta)
+                total, dtotal = total + logdet, add_tangents(dtotal, dlogdet)
+            if self.deeper is not None:
+                x, dx, logdet, dlogdet = self._deeper_tangent(x, y, dx, dy, dtheta, False)
+                total, dtotal = total + logdet, add_tangents(dtotal, dlogdet)
+            return self._up(x), self._up_tangent(dx), total, dtotal
+        for y_step in self.y_steps:  # the condition lane to its end, as in _inverse
+            y, dy, _, _ = y_step._tangent(y, (), dy, (), dtheta)
+        if self.deeper is not None:
+            x, dx, logdet, dlogdet = self._deeper_tangent(x, y, dx, dy, dtheta, True)
+            total, dtotal = total + logdet, add_tangents(dtotal, dlogdet)
+        for x_step, y_step in zip(reversed(self.x_steps), reversed(self.y_steps)):
+            x, dx, logdet, dlogdet = x_step._tangent(x, (y,), dx, (dy,), dtheta, True)
+            total, dtotal = total + logdet, add_tangents(dtotal, dlogdet)
+            y, dy, _, _ = y_step._tangent(y, (), dy, (), dtheta, True)
+        return self._up(x), self._up_tangent(dx), total, dtotal
 
     def _pullback(self, z, cond, dz, dlogdet):
         y = self._y_end(cond[0])
@@ -261,6 +310,9 @@ class TwoLaneNetwork(ScaleSkeleton, ConditionLane, InvertibleModule):
 
     def _pullback_inverse(self, x, cond, dx, dlogdet):
         return self.top._pullback_inverse(x, cond, dx, dlogdet)
+
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta, inverse=False):
+        return self.top._tangent(x, cond, dx, dcond, dtheta, inverse)
 
 
 class NetworkConditionalHINT(TwoLaneNetwork):

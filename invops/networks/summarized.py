@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .._autodiff import Grads, add_grads, differentiable_copy, local_grads
-from ..module import InvertibleModule
+from .._autodiff import Grads, add_grads, differentiable_copy, forward_mode, local_grads
+from ..module import Block, InvertibleModule, _has_tangent
 
 __all__ = ["SummarizedNet"]
 
@@ -77,6 +77,16 @@ class SummarizedNet(InvertibleModule):
             with torch.enable_grad():
                 (dobs,), summary_grads = local_grads((s,), (ds,), (obs,), params)
         return inp, dinp, (dobs,), add_grads(grads, summary_grads)
+
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta, inverse=False):
+        (obs,), (dobs,) = cond, dcond
+        if isinstance(self.summary, Block):
+            s, ds = self.summary._tangent(obs, (), dobs, (), dtheta)
+        elif dobs is None and not _has_tangent(self.summary, dtheta):
+            s, ds = self.summary(obs), None
+        else:  # a user's torch module: dual tensors through it (its own fallback)
+            ((s, ds),) = forward_mode(self.summary, self.summary, "", (obs,), (dobs,), dtheta)
+        return self.cond_net._tangent(x, (s,), dx, (ds,), dtheta, inverse)
 
     def _pullback(self, y, cond, dy, dlogdet):
         return self._through_summary(y, cond, dy, dlogdet, inverse=False)
