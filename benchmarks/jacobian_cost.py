@@ -15,8 +15,9 @@ for a multiscale ``NetworkGlow`` (the configuration of ``glow_memory_time.py``, 
 ``NetworkLoop`` calling a PyLops blur (the configuration of ``irim_unrolled.py``).
 
 Why. The Jacobian of a network is a ``pylops.LinearOperator`` used inside iterative solvers,
-which apply it and its adjoint many times; the target for forward mode is ``jvp`` at most 2.5
-forwards. CPU only: the operator's vectors are numpy arrays (on a GPU they would be cupy).
+which apply it and its adjoint many times; the targets are ``jvp`` at most 2.2
+forwards with an input tangent and 3 with input and parameter tangents (issue 16), and
+``J.H @ w`` at most the plain VJP. CPU only: the operator's vectors are numpy arrays (on a GPU they would be cupy).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ from _common import (
     write_json,
 )
 
-JVP_TARGET = 2.5
+# targets of issue 16, as multiples of a forward pass (and J.H @ w against the plain VJP)
+JVP_TARGET = 2.2
+JVP_BOTH_TARGET = 3.0
 
 
 def glow_operations(args) -> tuple[dict[str, Callable[[], object]], dict]:
@@ -58,6 +61,7 @@ def glow_operations(args) -> tuple[dict[str, Callable[[], object]], dict]:
     v = rng.standard_normal(x.numel()).astype(np.float32)
     w = rng.standard_normal(x.numel()).astype(np.float32)
     params = [p for p in net.parameters() if p.requires_grad]
+    dtheta = [torch.randn(p.shape, generator=gen) for p in net.parameters()]
 
     def plain_vjp():
         xr = x.clone().requires_grad_()
@@ -69,6 +73,7 @@ def glow_operations(args) -> tuple[dict[str, Callable[[], object]], dict]:
     ops = {
         "forward": lambda: _no_grad(net, x),
         "jvp": lambda: net.jvp(x, dx=dx),
+        "jvp (input+params)": lambda: net.jvp(x, dx=dx, dtheta=dtheta),
         "J @ v": lambda: J @ v,
         "J.H @ w (input)": lambda: J.H @ w,
         "J.H @ w (input+params)": lambda: J_both.H @ w,
@@ -100,6 +105,7 @@ def loop_operations(args) -> tuple[dict[str, Callable[[], object]], dict]:
     rng = np.random.default_rng(args.seed)
     v, w = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
     params = [p for p in loop.parameters() if p.requires_grad]
+    dtheta = [torch.randn(p.shape, generator=gen) for p in loop.parameters()]
 
     def forward():
         with torch.no_grad():
@@ -117,6 +123,7 @@ def loop_operations(args) -> tuple[dict[str, Callable[[], object]], dict]:
     ops = {
         "forward": forward,
         "jvp": lambda: loop.jvp(eta, s, d, op, deta=deta, ds=ds),
+        "jvp (input+params)": lambda: loop.jvp(eta, s, d, op, deta=deta, ds=ds, dtheta=dtheta),
         "J @ v": lambda: J @ v,
         "J.H @ w (input)": lambda: J.H @ w,
         "J.H @ w (input+params)": lambda: J_both.H @ w,
@@ -151,16 +158,24 @@ def time_operations(ops: dict[str, Callable[[], object]], repeats: int) -> dict:
 
 def report(name: str, timings: dict) -> str:
     rows = [
-        [op, fmt(t["median"], 4), fmt(t["ratio"]), _target(op, t["ratio"])]
+        [op, fmt(t["median"], 4), fmt(t["ratio"]), _target(op, timings)]
         for op, t in timings.items()
     ]
     return f"{name}\n\n" + markdown_table(["operation", "median s", "x forward", "target"], rows)
 
 
-def _target(op: str, value: float) -> str:
-    if op != "jvp":
+def _target(op: str, timings: dict) -> str:
+    value = timings[op]["ratio"]
+    if op == "jvp":
+        bound = JVP_TARGET
+    elif op == "jvp (input+params)":
+        bound = JVP_BOTH_TARGET
+    elif op == "J.H @ w (input+params)":
+        plain = timings["plain vjp"]["ratio"]
+        return f"<= plain vjp ({fmt(plain)}): " + ("met" if value <= plain else "NOT met")
+    else:
         return ""
-    return f"<= {JVP_TARGET}: " + ("met" if value <= JVP_TARGET else "NOT met")
+    return f"<= {bound}: " + ("met" if value <= bound else "NOT met")
 
 
 def plot(results: dict, path: Path) -> Path:

@@ -565,25 +565,9 @@ class InvertibleModule(InvertibleOperator):
             out += (from_torch(logdet, kind), from_torch(dlogdet, kind))
         return out
 
-    def _tangent_dict(self, dtheta: Sequence | None) -> dict:
-        if dtheta is None:
-            return {}
-        params = list(self.parameters())
-        if len(dtheta) != len(params):
-            raise ValueError(
-                f"dtheta: expected {len(params)} entries (one per parameter), got {len(dtheta)}"
-            )
-        out = {}
-        for i, (p, d) in enumerate(zip(params, dtheta)):
-            if d is None:
-                continue
-            d = self._to_tensor(d, f"dtheta[{i}]")
-            if d.shape != p.shape:
-                raise ValueError(
-                    f"dtheta[{i}]: expected shape {tuple(p.shape)}, got {tuple(d.shape)}"
-                )
-            out[p] = d
-        return out
+    def _tangent_tensor(self, d: Any, p: torch.nn.Parameter, name: str) -> torch.Tensor:
+        # the module's own conversion: a tangent of another dtype or device is refused
+        return self._to_tensor(d, name)
 
     def jacobian(self, x: Any, *cond: Any, wrt: str = "input"):
         """The linearization at ``x`` as a :class:`invops.JacobianOperator`.

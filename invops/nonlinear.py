@@ -311,7 +311,11 @@ class NonlinearOperator(torch.nn.Module):
         )
         return kind, x_t, cond_t
 
-    def _tangent_dict(self, dtheta: Sequence | None, like: torch.Tensor) -> dict:
+    def _tangent_tensor(self, d: Any, p: torch.nn.Parameter, name: str) -> torch.Tensor:
+        """A parameter tangent as a tensor on ``p``'s device and dtype."""
+        return to_torch(d, device=p.device, name=name).to(p.dtype)
+
+    def _tangent_dict(self, dtheta: Sequence | None) -> dict:
         if dtheta is None:
             return {}
         params = list(self.parameters())
@@ -323,12 +327,12 @@ class NonlinearOperator(torch.nn.Module):
         for i, (p, d) in enumerate(zip(params, dtheta)):
             if d is None:
                 continue
-            d = to_torch(d, device=p.device, name=f"dtheta[{i}]")
+            d = self._tangent_tensor(d, p, f"dtheta[{i}]")
             if d.shape != p.shape:
                 raise ValueError(
                     f"dtheta[{i}]: expected shape {tuple(p.shape)}, got {tuple(d.shape)}"
                 )
-            out[p] = d.to(p.dtype)
+            out[p] = d
         return out
 
     # ------------------------------------------------------------------ public API
@@ -363,7 +367,7 @@ class NonlinearOperator(torch.nn.Module):
             dx_t = to_torch(dx, device=x_t.device, name="dx").to(x_t.dtype)
             if dx_t.shape != x_t.shape:
                 raise ValueError(f"dx: expected shape {tuple(x_t.shape)}, got {tuple(dx_t.shape)}")
-        tangents = self._tangent_dict(dtheta, x_t)
+        tangents = self._tangent_dict(dtheta)
         with torch.no_grad():
             y, dy = self._jvp_t(x_t, cond_t, dx_t, tangents)
         return from_torch(y, kind), from_torch(dy, kind)
@@ -1014,6 +1018,17 @@ class Sum(_Composite):
         return _finish(M, layout.dims(x), tuple(y.shape)), y
 
 
+def _split_stacked_cotangent(dy: torch.Tensor, ys: Sequence, owner: str) -> list:
+    """The cotangent ``(B, sum of part sizes)`` of stacked outputs, cut into the parts' shapes."""
+    sizes = [y[0].numel() for y in ys]
+    if tuple(dy.shape) != (ys[0].shape[0], sum(sizes)):
+        raise ValueError(
+            f"{owner}: the cotangent dy must have shape {(ys[0].shape[0], sum(sizes))}, "
+            f"got {tuple(dy.shape)}"
+        )
+    return [d.reshape(y.shape) for d, y in zip(torch.split(dy, sizes, dim=1), ys)]
+
+
 def _part_pullbacks(ops, xs, cond, split):
     """Reverse mode of parts applied side by side to ``xs``: ``(dxs, dcond, grads)``.
 
@@ -1127,13 +1142,7 @@ class VStack(_Composite):
 
     def _vjp_t(self, dy, x, cond):
         def split(ys):
-            sizes = [y[0].numel() for y in ys]
-            if tuple(dy.shape) != (x.shape[0], sum(sizes)):
-                raise ValueError(
-                    f"vstack: the cotangent dy must have shape {(x.shape[0], sum(sizes))}, "
-                    f"got {tuple(dy.shape)}"
-                )
-            return [d.reshape(y.shape) for d, y in zip(torch.split(dy, sizes, dim=1), ys)]
+            return _split_stacked_cotangent(dy, ys, "vstack")
 
         dxs, dcond, grads = _part_pullbacks(self.ops, [x] * len(self.ops), cond, split)
         return sum(dxs[1:], dxs[0]), dcond, grads
@@ -1230,13 +1239,7 @@ class BlockDiag(_Composite):
 
     def _vjp_t(self, dy, x, cond):
         def split(ys):
-            sizes = [y[0].numel() for y in ys]
-            if tuple(dy.shape) != (x.shape[0], sum(sizes)):
-                raise ValueError(
-                    f"blockdiag: the cotangent dy must have shape {(x.shape[0], sum(sizes))}, "
-                    f"got {tuple(dy.shape)}"
-                )
-            return [d.reshape(y.shape) for d, y in zip(torch.split(dy, sizes, dim=1), ys)]
+            return _split_stacked_cotangent(dy, ys, "blockdiag")
 
         dxs, dcond, grads = _part_pullbacks(self.ops, self._slices(x), cond, split)
         dx = torch.cat([d.reshape(x.shape[0], -1) for d in dxs], dim=1).reshape(x.shape)
