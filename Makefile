@@ -1,5 +1,6 @@
 # Two commands for a fresh machine:
-#   make demo   installs invops in .venv and runs the main demo (i-RIM vs LSQR) on synthetic data
+#   make demo   installs invops in .venv and runs the main demo (i-RIM vs tuned PyLops post-stack
+#               inversions) on synthetic earth models
 #   make test   installs invops with its test extras in .venv and runs the test suite
 PYTHON ?= python3
 VENV ?= .venv
