@@ -1,7 +1,7 @@
 """Latent-space inversion: Gauss–Newton on ``A @ G.reverse()`` with a Glow prior.
 
-The earth models and the band-limited seismic-style operator of the main demo
-(``examples/irim_seismic.py``: layered media with curved, dipping interfaces and blobs; a Ricker
+The earth models and the band-limited seismic-style operator of the first, 32x32 version of the
+main demo (layered media with curved, dipping interfaces and blobs; a Ricker
 wavelet in depth times a Gaussian laterally as a ``pylops.signalprocessing.Convolve2D``; 2% noise)
 are made here again, so that this script stands alone. It
 
@@ -13,7 +13,7 @@ are made here again, so that this script stands alone. It
    damping, LSQR inner solves on ``F.jacobian(z)``) with the Gaussian penalty ``lam ||z||^2`` of
    the latent prior, ``lam`` = the noise variance (the MAP estimate of ``z``);
 3. compares, on the same held-out models, with PyLops' damped LSQR on the model (damping tuned on
-   training models) and with the i-RIM of the main demo (``NetworkLoop``, same settings, trained
+   training models) and with the i-RIM of that demo (``NetworkLoop``, same settings, trained
    here), and prints a PSNR table and writes a figure with colorbars.
 
 Run: ``python examples/latent_inversion.py`` (about five minutes on 2 CPU cores). Options set the
@@ -43,7 +43,7 @@ from invops.solvers import gauss_newton
 # ----------------------------------------------------------------------------- synthetic earth
 def earth_models(n: int, size: int, seed: int) -> np.ndarray:
     """Layered media with curved, dipping interfaces and Gaussian blobs, values in [0, 1]
-    (the generator of ``examples/irim_seismic.py``)."""
+    (the generator of the first version of the main demo)."""
     rng = np.random.default_rng(seed)
     z, x = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
     models = np.empty((n, size, size))
@@ -135,7 +135,7 @@ def train_glow(args, train_m: np.ndarray, mean: float, std: float) -> invops.Net
 
 
 def train_irim(args, op_np, train_m: np.ndarray, train_d: np.ndarray, data_scale: float):
-    """The i-RIM of the main demo, same settings (4 unrolled iterations, width 32)."""
+    """The i-RIM of the first main demo, same settings (4 unrolled iterations, width 32)."""
     n = args.size
     net = invops.NetworkLoop(4, 32, args.irim_iterations, k1=3, p1=1, s1=1)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)

@@ -228,6 +228,7 @@ CASES = [
 # public classes that are abstract bases, need an operator (fuzzed on their own below), or are
 # coupling laws (parts of a coupling, fuzzed through the couplings that hold them)
 NOT_IN_REGISTRY = {
+    "NonlinearOperator",
     "InvertibleModule",
     "Block",
     "NetworkLoop",
