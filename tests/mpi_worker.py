@@ -206,19 +206,45 @@ def _errors(comm, J, rows) -> dict:
     return raised
 
 
+def groups_step(ranks_per_operator: int) -> dict:
+    """Operator groups: each group holds all the shots (split over its ranks) and its share of
+    a batch of ``2 * BATCH`` per two groups; one DDP step over all the ranks."""
+    from pylops_mpi import MPIVStack
+    from torch.nn.parallel import DistributedDataParallel
+
+    from invops.operators_mpi import operator_groups
+
+    group = operator_groups(ranks_per_operator)
+    k, mine = group.comm.Get_size(), group.comm.Get_rank()
+    mats = shot_matrices()
+    J = MPIVStack([pylops.MatrixMult(mats[i]) for i in rank_shots(mine, k)], base_comm=group.comm)
+    loop = make_loop()
+    x = chunk(loop_inputs(BATCH * group.n_replicas), group.replica, group.n_replicas)
+    return train_step(loop, J, x, data_rows(mine, k), DistributedDataParallel(loop))
+
+
 def main() -> None:
     from mpi4py import MPI
     from pylops_mpi import MPIVStack
     from torch.nn.parallel import DistributedDataParallel
 
-    from invops.operators_mpi import dottest, init_torch_distributed, mpi_operator, operator_groups
+    from invops.operators_mpi import dottest, init_torch_distributed, mpi_operator
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--groups-of", type=int, default=0, help="only the operator-groups DDP step, groups of N"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    if args.groups_of:
+        init_torch_distributed("gloo")
+        result = {"ddp_groups": groups_step(args.groups_of)}
+        torch.distributed.destroy_process_group()
+        torch.save(result, args.out / f"rank{rank}.pt")
+        return
     mats = shot_matrices()
     J = MPIVStack([pylops.MatrixMult(mats[i]) for i in rank_shots(rank, size)])
     rows = data_rows(rank, size)
@@ -237,13 +263,7 @@ def main() -> None:
     loop = make_loop()
     x = loop_inputs()
     result["ddp_same_batch"] = train_step(loop, J, x, rows, DistributedDataParallel(loop))
-    # operator groups of one rank each: data-parallel batches, the whole operator per group
-    group = operator_groups(1)
-    J_group = MPIVStack([pylops.MatrixMult(m) for m in mats], base_comm=group.comm)
-    loop = make_loop()
-    x = chunk(loop_inputs(2 * BATCH), group.replica, group.n_replicas)
-    all_rows = slice(0, sum(SHOT_ROWS))
-    result["ddp_groups"] = train_step(loop, J_group, x, all_rows, DistributedDataParallel(loop))
+    result["ddp_groups"] = groups_step(1)
     torch.distributed.destroy_process_group()
 
     # the example, at a reduced size, in the same launch (one start-up for the whole module)

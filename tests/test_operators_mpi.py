@@ -48,15 +48,15 @@ def mpi_missing() -> str | None:
     return None
 
 
-def run_mpi(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """``mpiexec -n 2 python -m mpi4py ARGS`` with this repository importable, killed whole
+def run_mpi(args: list[str], timeout: float, n: int = SIZE) -> subprocess.CompletedProcess:
+    """``mpiexec -n N python -m mpi4py ARGS`` with this repository importable, killed whole
     (every rank) if it runs past ``timeout``: a deadlock fails the test instead of hanging it."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         "OMP_NUM_THREADS": "1",
     }
-    cmd = [mpiexec(), "-n", str(SIZE), sys.executable, "-m", "mpi4py", *args]
+    cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", "mpi4py", *args]
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -99,6 +99,21 @@ def single():
     result["ddp_same_batch"] = W.train_step(W.make_loop(), whole, x, rows)
     result["ddp_groups"] = W.train_step(W.make_loop(), whole, W.loop_inputs(2 * W.BATCH), rows)
     return result
+
+
+@pytest.mark.slow
+def test_ddp_over_a_grid_of_two_operator_groups_of_two_ranks(tmp_path, single):
+    """4 ranks: 2 data-parallel replicas, each with the operator split over its 2 ranks."""
+    reason = mpi_missing()
+    if reason is not None:
+        pytest.skip(reason)
+    proc = run_mpi([str(WORKER), "--out", str(tmp_path), "--groups-of", "2"], timeout=600, n=4)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    want = single["ddp_groups"]
+    for r in range(4):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["ddp_groups"]
+        assert_close(got["grads"], want["grads"], f"gradients on rank {r}")
+        assert_close(got["params"], want["params"], f"step on rank {r}")
 
 
 def assert_close(got, want, what, tol=TOL):
