@@ -2,6 +2,7 @@
 #   make demo   installs invops in .venv and runs the main demo (i-RIM vs tuned PyLops post-stack
 #               inversions) on synthetic earth models
 #   make test   installs invops with its test extras in .venv and runs the test suite
+#               (with the mpi extra and the mpich wheel, so the mpiexec tests run too)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,7 +16,7 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(PIP) install --quiet -c constraints.txt torch==2.13.0
-	$(PIP) install --quiet -c constraints.txt -e ".[test,examples,dev]"
+	$(PIP) install --quiet -c constraints.txt -e ".[test,examples,dev,mpi]" mpich
 
 demo: install
 	$(BIN)/python examples/irim_seismic.py --out examples/output/irim_seismic.png

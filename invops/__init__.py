@@ -1,6 +1,6 @@
 """invops: memory-efficient invertible networks as nonlinear operators for inverse problems."""
 
-from . import checkpoint, distributed, nonlinear, operators, solvers, testing
+from . import checkpoint, distributed, nonlinear, operators, operators_mpi, solvers, testing
 from ._reconstruction import set_reconstruction_check
 from .activations import (
     ExpClamp,
@@ -176,6 +176,7 @@ __all__ = [
     "distributed",
     "nonlinear",
     "operators",
+    "operators_mpi",
     "plain_autograd",
     "relu",
     "relu_derivative",

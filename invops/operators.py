@@ -302,7 +302,11 @@ def as_operator(
           with torch on the tensors' device;
         - a pair ``(forward, adjoint)`` of torch callables applied to whole batches
           ``(B, *model_shape)`` and ``(B, *data_shape)``;
-        - an :class:`Operator` (returned unchanged).
+        - an :class:`Operator` (returned unchanged);
+        - a pylops-mpi ``MPILinearOperator`` (e.g. ``MPIVStack``) whose model is replicated on
+          every rank and whose data are split across the ranks: each rank passes the same
+          models and its own data block (see :mod:`invops.operators_mpi`; ``data_shape`` is
+          then the shape of this rank's block).
     model_shape, data_shape : sequence of int, optional
         Shapes of one model and one datum (override the operator's own; required to reshape
         flat matrices and scipy operators into images).
@@ -325,6 +329,10 @@ def as_operator(
     """
     if isinstance(J, Operator):
         return J
+    if _from_pylops_mpi(J):  # imported here only: importing mpi4py starts MPI
+        from .operators_mpi import mpi_operator
+
+        return mpi_operator(J, model_shape, data_shape, real_model)
     ms = None if model_shape is None else tuple(int(n) for n in model_shape)
     ds = None if data_shape is None else tuple(int(n) for n in data_shape)
 
@@ -356,8 +364,13 @@ def as_operator(
 
     raise TypeError(
         "J: expected a pylops.LinearOperator, a scipy LinearOperator or sparse matrix, a dense "
-        f"numpy/torch matrix, or a (forward, adjoint) pair of callables; got {type(J).__name__}"
+        "numpy/torch matrix, a (forward, adjoint) pair of callables, or a pylops-mpi "
+        f"MPILinearOperator; got {type(J).__name__}"
     )
+
+
+def _from_pylops_mpi(J: Any) -> bool:
+    return any(cls.__module__.split(".")[0] == "pylops_mpi" for cls in type(J).__mro__)
 
 
 def _check_sizes(shape, ms, ds, name):

@@ -133,13 +133,15 @@ class _BoundLoop(InvertibleModule):
                 f"({self.ndim}D models), got a packed state of shape {tuple(x.shape)}"
             )
         (d,) = cond
+        # both checks before the batch sizes: for a distributed operator they are collective
+        # and make the batch sizes agree across ranks, so every rank raises the same error
         self.op.check_model(x[:, 0], name="eta (as a model for J)")
+        self.op.check_data(d, name="d")
         if d.shape[0] != x.shape[0]:
             raise ValueError(
                 f"NetworkLoop: d must have the models' batch size {x.shape[0]}, "
                 f"got {d.shape[0]} (shape {tuple(d.shape)})"
             )
-        self.op.check_data(d, name="d")
 
     def _forward(self, x, *cond):
         with _bound(self.op):
