@@ -1,6 +1,6 @@
 """invops: memory-efficient invertible networks as nonlinear operators for inverse problems."""
 
-from . import checkpoint, distributed, operators, testing
+from . import checkpoint, distributed, operators, physics, testing
 from .activations import (
     ExpClamp,
     GaLU,
@@ -138,6 +138,7 @@ __all__ = [
     "checkpoint",
     "distributed",
     "operators",
+    "physics",
     "plain_autograd",
     "relu",
     "relu_derivative",
