@@ -109,8 +109,8 @@ def ct_matrix(n: int, n_views: int) -> scipy.sparse.csr_matrix:
     """The matrix of :func:`ct_operator` as a scipy CSR matrix ``(n_views * n, n * n)``.
 
     Built directly from the slant-stack formula of ``Radon2D`` (no operator applications), in
-    milliseconds; ``pylops.MatrixMult(ct_matrix(n, v), dims=(n, n), dimsd=(v, n))`` is the
-    fast PyLops form of the projector.
+    milliseconds; ``pylops.MatrixMult(ct_matrix(n, v))`` (with ``dims = (n, n)`` and
+    ``dimsd = (v, n)`` set on it) is the fast PyLops form of the projector.
 
     Examples
     --------
