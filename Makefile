@@ -34,6 +34,7 @@ bench: bench-deps
 	$(BIN)/python benchmarks/glow_memory_time.py --sweep size --sizes 32 64 128 --allocator tuned
 	$(BIN)/python benchmarks/jacobian_cost.py
 	$(BIN)/python benchmarks/irim_unrolled.py --allocator tuned
+	$(BIN)/python benchmarks/segmentation_memory.py --threads 1
 
 lint: install
 	$(BIN)/ruff check invops tests examples $(wildcard benchmarks)

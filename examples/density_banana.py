@@ -1,11 +1,12 @@
-"""Density estimation of a 2D banana distribution with a small Glow and with a small HINT flow.
+"""Density estimation of a 2D banana distribution with small Glow, HINT and spline Glow flows.
 
 The data are made here: the banana of InvertibleNetworks.jl's ``sample_banana`` (``c = [1, 4]``),
 ``y1 = x1 / c1``, ``y2 = c1 x2 + c1 c2 (x1^2 + c1^2)`` with ``x ~ N(0, I)``, as dense ``(B, 2)``
-samples. Two flows are fitted by maximum likelihood with Adam and ``loss.backward()`` through
+samples. Three flows are fitted by maximum likelihood with Adam and ``loss.backward()`` through
 invops' memory-free autograd bridge: ``invops.NetworkGlow(2, ..., L=1, ndim=0)`` (ActNorm,
-orthogonal 1x1 mixing, affine coupling with an MLP conditioner, split 1 + 1) and
-``invops.NetworkMultiScaleHINT(2, ..., L=1, ndim=0)`` (ActNorm, HINT coupling).
+orthogonal 1x1 mixing, affine coupling with an MLP conditioner, split 1 + 1),
+``invops.NetworkMultiScaleHINT(2, ..., L=1, ndim=0)`` (ActNorm, HINT coupling) and the same Glow
+with rational-quadratic spline couplings (``coupling=invops.Spline(...)``, a neural spline flow).
 
 The flows see standardised data ``u = (y - m) / s`` (mean and standard deviation of the training
 set); the reported negative log-likelihoods are those of the original data ``y``:
@@ -127,6 +128,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--hidden", type=int, default=64, help="conditioner width")
     parser.add_argument("--glow-k", type=int, default=8, help="Glow steps (ActNorm + coupling)")
     parser.add_argument("--hint-k", type=int, default=8, help="HINT steps (ActNorm + coupling)")
+    parser.add_argument(
+        "--spline-k", type=int, default=6, help="spline Glow steps (ActNorm + spline coupling)"
+    )
+    parser.add_argument("--bins", type=int, default=8, help="bins of every spline")
+    parser.add_argument(
+        "--bound", type=float, default=5.0, help="splines act on [-bound, bound] (standardised)"
+    )
     parser.add_argument("--train", type=int, default=20000, help="training samples")
     parser.add_argument("--test", type=int, default=5000, help="held-out samples")
     parser.add_argument("--seed", type=int, default=0)
@@ -149,7 +157,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> dict[str, float]:
     """The demo proper, with parsed arguments (see :func:`main`)."""
-    torch.manual_seed(args.seed)
     start = time.perf_counter()
 
     train_y = sample_banana(args.train, seed=args.seed)
@@ -162,20 +169,35 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 
     train_u, test_u = standardise(train_y), standardise(test_y)
 
+    # each flow is built and trained from the same seed, so none depends on the others' draws
+    # (initial weights and batch order come from torch's global generator)
     flows = {
         "glow": (
             f"Glow (K={args.glow_k})",
-            invops.NetworkGlow(2, args.hidden, L=1, K=args.glow_k, ndim=0),
+            lambda: invops.NetworkGlow(2, args.hidden, L=1, K=args.glow_k, ndim=0),
         ),
         "hint": (
             f"HINT (K={args.hint_k})",
-            invops.NetworkMultiScaleHINT(2, args.hidden, L=1, K=args.hint_k, ndim=0),
+            lambda: invops.NetworkMultiScaleHINT(2, args.hidden, L=1, K=args.hint_k, ndim=0),
+        ),
+        "spline": (
+            f"spline Glow (K={args.spline_k})",
+            lambda: invops.NetworkGlow(
+                2,
+                args.hidden,
+                L=1,
+                K=args.spline_k,
+                ndim=0,
+                coupling=invops.Spline(bins=args.bins, bound=args.bound),
+            ),
         ),
     }
     results: dict[str, float] = {}
     samples: dict[str, np.ndarray] = {}
     times: dict[str, float] = {}
-    for key, (label, flow) in flows.items():
+    for key, (label, build) in flows.items():
+        torch.manual_seed(args.seed)
+        flow = build()
         n_params = sum(p.numel() for p in flow.parameters())
         print(f"{label}: {n_params} parameters, {args.steps} steps, batch {args.batch}")
         with torch.no_grad():
@@ -228,7 +250,9 @@ def write_figure(out: str, data: np.ndarray, samples: dict[str, np.ndarray]) -> 
     lo = np.percentile(data, 0.5, axis=0)
     hi = np.percentile(data, 99.5, axis=0)
     pad = 0.1 * (hi - lo)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2), sharex=True, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4 * len(panels), 4.2), sharex=True, sharey=True
+    )
     for ax, (title, pts) in zip(axes, panels.items()):
         ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.4, color="C0" if "data" in title else "C1")
         ax.set_title(title)

@@ -1,6 +1,7 @@
 """invops: memory-efficient invertible networks as nonlinear operators for inverse problems."""
 
 from . import checkpoint, distributed, operators, physics, testing
+from ._reconstruction import set_reconstruction_check
 from .activations import (
     ExpClamp,
     GaLU,
@@ -21,23 +22,41 @@ from .activations import (
     sigmoid_derivative,
     sigmoid_inv,
 )
+from .constraints import (
+    Box,
+    ConvexSet,
+    DykstraInfo,
+    FractionBounds,
+    Intersection,
+    PointAnnotations,
+    distance_squared,
+    distance_squared_grad,
+)
 from .jacobian import JacobianOperator
 from .layers import (
     ActNorm,
+    Additive,
     AdditiveCoupling,
+    Affine,
     AffineLayer,
     ConditionalLayerGlow,
     ConditionalLayerHINT,
     ConditionalResidualBlock,
     Conv1x1,
+    Conv1x1LU,
     Coupling,
+    CouplingLaw,
     CouplingLayerBasic,
     CouplingLayerGlow,
     CouplingLayerHINT,
     CouplingLayerIRIM,
+    CouplingLayerSpline,
     HyperbolicLayer,
     MLPBlock,
+    Negate,
     ResidualBlock,
+    Spline,
+    SubnetFactory,
     TorchBlock,
 )
 from .module import (
@@ -77,8 +96,18 @@ from .squeeze import HaarSqueeze, Squeeze, cat, split
 __version__ = "0.1.0"
 
 __all__ = [
+    "Box",
+    "ConvexSet",
+    "DykstraInfo",
+    "FractionBounds",
+    "Intersection",
+    "PointAnnotations",
+    "distance_squared",
+    "distance_squared_grad",
     "ActNorm",
+    "Additive",
     "AdditiveCoupling",
+    "Affine",
     "AffineLayer",
     "Block",
     "Chain",
@@ -86,11 +115,14 @@ __all__ = [
     "ConditionalLayerHINT",
     "ConditionalResidualBlock",
     "Conv1x1",
+    "Conv1x1LU",
     "Coupling",
+    "CouplingLaw",
     "CouplingLayerBasic",
     "CouplingLayerGlow",
     "CouplingLayerHINT",
     "CouplingLayerIRIM",
+    "CouplingLayerSpline",
     "ExpClamp",
     "GaLU",
     "HaarSqueeze",
@@ -100,6 +132,7 @@ __all__ = [
     "JacobianOperator",
     "LeakyReLU",
     "MLPBlock",
+    "Negate",
     "NetworkConditionalGlow",
     "NetworkConditionalHINT",
     "NetworkGlow",
@@ -115,7 +148,9 @@ __all__ = [
     "Reversed",
     "Sigmoid",
     "Sigmoid2",
+    "Spline",
     "Squeeze",
+    "SubnetFactory",
     "SummarizedNet",
     "TorchBlock",
     "cat",
@@ -142,6 +177,7 @@ __all__ = [
     "plain_autograd",
     "relu",
     "relu_derivative",
+    "set_reconstruction_check",
     "sigmoid",
     "sigmoid_derivative",
     "sigmoid_inv",

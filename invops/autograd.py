@@ -16,18 +16,23 @@ from __future__ import annotations
 
 import torch
 
+from . import _reconstruction
+
 __all__ = ["apply_memory_free"]
 
 
 class _MemoryFreeFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, module, inverse, n_cond, x, *rest):
-        cond = rest[:n_cond]
+    def forward(ctx, module, inverse, n_conditions, x, *rest):
+        from .module import _unaliased
+
+        cond = rest[:n_conditions]
         out, logdet = (module._inverse if inverse else module._forward)(x, *cond)
+        out = _unaliased(out, x, *cond)  # a layer that only reshapes must not return its input
         ctx.module = module
         ctx.inverse = inverse
-        ctx.n_params = len(rest) - n_cond
-        ctx.params = rest[n_cond:]
+        ctx.n_params = len(rest) - n_conditions
+        ctx.params = rest[n_conditions:]
         ctx.save_for_backward(out, *cond)
         return out, logdet
 
@@ -37,7 +42,9 @@ class _MemoryFreeFunction(torch.autograd.Function):
         out, *cond = ctx.saved_tensors
         module = ctx.module
         pull = module._pullback_inverse if ctx.inverse else module._pullback
-        _, dinp, dcond, grads = pull(out, tuple(cond), dout, dlogdet)
+        inp, dinp, dcond, grads = pull(out, tuple(cond), dout, dlogdet)
+        if _reconstruction.SETTING is not None:
+            _reconstruction.check(module, out, inp, tuple(cond), ctx.inverse)
         dparams = tuple(grads.get(p) for p in ctx.params)
         return (None, None, None, dinp, *dcond, *dparams)
 

@@ -12,13 +12,23 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as fwAD
 
+from . import _reconstruction
 from ._arrays import array_kind, from_torch, to_torch
+from ._autodiff import (
+    Grads,
+    accumulate_into_grad,
+    add_grads,
+    differentiable_copy,
+    forward_mode,
+    local_grads,
+    trainable,
+)
 
 __all__ = [
     "InvertibleModule",
@@ -31,7 +41,11 @@ __all__ = [
     "is_plain_autograd",
 ]
 
-Grads = dict  # maps a parameter to its cotangent; several uses of one parameter are summed
+# Data-dependent initialisation mutates shared state, so concurrent first calls from several
+# threads serialise on this lock. It is reentrant: a module's first call may run torch code that
+# calls another invops module's public methods. (Gradient accumulation has its own lock, in
+# ``_autodiff.accumulate_into_grad``.)
+_INIT_LOCK = threading.RLock()
 
 _PLAIN_AUTOGRAD: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "invops_plain_autograd", default=False
@@ -68,101 +82,20 @@ def is_plain_autograd() -> bool:
     return _PLAIN_AUTOGRAD.get()
 
 
-def add_grads(total: Grads, new: Grads) -> Grads:
-    """Accumulate parameter cotangents of ``new`` into ``total`` (in place) and return it."""
-    for p, g in new.items():
-        total[p] = g if p not in total else total[p] + g
-    return total
+def _unaliased(t: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it if it shares memory with one of ``sources`` (the caller's arrays).
 
-
-def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
-
-
-def _local_grads(
-    outputs: Sequence[torch.Tensor],
-    cotangents: Sequence[torch.Tensor | None],
-    inputs: Sequence[torch.Tensor],
-    params: Sequence[torch.nn.Parameter],
-) -> tuple[list[torch.Tensor | None], Grads]:
-    """Backpropagate ``cotangents`` through a local graph to ``inputs`` and ``params``."""
-    pairs = [(o, c) for o, c in zip(outputs, cotangents) if c is not None and o.requires_grad]
-    targets = [t for t in inputs if t is not None and t.requires_grad] + list(params)
-    if not pairs or not targets:
-        return [None] * len(inputs), {}
-    grads = torch.autograd.grad(
-        [o for o, _ in pairs], targets, [c for _, c in pairs], allow_unused=True
-    )
-    grads_iter = iter(grads)
-    dinputs = [next(grads_iter) if t is not None and t.requires_grad else None for t in inputs]
-    dparams = {p: g for p, g in zip(params, grads_iter) if g is not None}
-    return dinputs, dparams
-
-
-def functional_state(
-    module: torch.nn.Module, replacements: dict, prefix: str = ""
-) -> dict[str, torch.Tensor]:
-    """State for ``torch.func.functional_call`` (``tie_weights=False``) replacing parameters.
-
-    Each module object is named once (shared modules, such as a convolution and its
-    ``reverse()``, are reachable by several paths), and each of its replaced parameters is listed
-    under that path. Naming one module object twice makes ``functional_call`` in torch 2.13
-    restore the replacement instead of the parameter after the call; naming only one of several
-    modules that share a parameter would replace it in one of them only.
+    Layers that move no data (``Identity``, a squeeze that is a reshape) would otherwise hand
+    back a view of the input, and writing into the output would change the caller's input.
     """
-    state = {}
-    for path, sub in module.named_modules():
-        for attr, p in sub._parameters.items():
-            if p is not None and p in replacements:
-                state[prefix + (f"{path}.{attr}" if path else attr)] = replacements[p]
-    return state
-
-
-def forward_mode(
-    owner: torch.nn.Module,
-    math: torch.nn.Module,
-    prefix: str,
-    inputs: Sequence[torch.Tensor],
-    input_tangents: Sequence[torch.Tensor | None],
-    param_tangents: dict,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Run ``math(*inputs)`` (which calls ``owner``'s math) in forward-mode AD.
-
-    Returns ``(primal, tangent)`` for each output. Uses ``torch.autograd.forward_ad`` (dual
-    tensors, ``owner``'s trainable parameters swapped in with ``functional_call``) rather than
-    ``torch.func.jvp``: the latter hands custom autograd Functions functorch-wrapped tangents
-    without storage, which physics operators working on numpy or cupy arrays cannot read.
-    Missing tangents are zero.
-    """
-    # Forward mode needs no autograd graph, and parameters without a tangent enter as plain
-    # (detached) tensors: a dual with a zero tangent would double the cost of every convolution.
-    with torch.no_grad(), fwAD.dual_level():
-        duals = {
-            p: p.detach()
-            if param_tangents.get(p) is None
-            else fwAD.make_dual(p.detach(), param_tangents[p])
-            for p in owner.parameters()
-            if p.requires_grad
-        }
-        args = tuple(
-            t if d is None else fwAD.make_dual(t, d) for t, d in zip(inputs, input_tangents)
-        )
-        out = torch.func.functional_call(
-            math,
-            functional_state(owner, duals, prefix=prefix),
-            args,
-            strict=False,
-            tie_weights=False,
-        )
-        pairs = [fwAD.unpack_dual(o) for o in (out if isinstance(out, tuple) else (out,))]
-    return [(o, torch.zeros_like(o) if d is None else d) for o, d in pairs]
-
-
-def _differentiable_copy(t: torch.Tensor | None) -> torch.Tensor | None:
-    if t is None:
-        return None
-    t = t.detach()
-    return t.requires_grad_() if t.is_floating_point() or t.is_complex() else t
+    if torch.compiler.is_compiling():  # compiled graphs return fresh outputs
+        return t
+    try:
+        ptr = t.untyped_storage().data_ptr()
+        shared = ptr and any(s.untyped_storage().data_ptr() == ptr for s in sources)
+    except (NotImplementedError, RuntimeError):  # torch.func wrappers have no storage to share
+        return t
+    return t.clone() if shared else t
 
 
 class _Oriented(torch.nn.Module):
@@ -210,14 +143,14 @@ class InvertibleModule(torch.nn.Module):
 
     Attributes
     ----------
-    n_cond : int
+    n_conditions : int
         Number of condition tensors the module takes after ``x``.
     memory_free : bool
         If False, ``module(x)`` under grad mode uses plain autograd instead of the memory-free
         bridge (same math, stored activations).
     """
 
-    n_cond: int = 0
+    n_conditions: int = 0
 
     def __init__(self, logdet: bool = True) -> None:
         super().__init__()
@@ -266,12 +199,12 @@ class InvertibleModule(torch.nn.Module):
         return y, dy, dcond, grads
 
     def _local_backprop(self, inp, cond, dout, dlogdet, inverse):
-        inp = _differentiable_copy(inp)
-        cond = tuple(_differentiable_copy(c) for c in cond)
-        params = _trainable(self)
+        inp = differentiable_copy(inp)
+        cond = tuple(differentiable_copy(c) for c in cond)
+        params = trainable(self)
         with torch.enable_grad():
             out, logdet = (self._inverse if inverse else self._forward)(inp, *cond)
-            dinputs, grads = _local_grads((out, logdet), (dout, dlogdet), (inp, *cond), params)
+            dinputs, grads = local_grads((out, logdet), (dout, dlogdet), (inp, *cond), params)
         dinp = dinputs[0] if dinputs[0] is not None else torch.zeros_like(inp)
         return dinp, tuple(dinputs[1:]), grads
 
@@ -347,12 +280,17 @@ class InvertibleModule(torch.nn.Module):
 
     def _prepare(self, x: Any, cond: tuple, inverse: bool, name: str = "x"):
         kind = array_kind(x, name)
-        if len(cond) != self.n_cond:
+        if len(cond) != self.n_conditions:
             raise TypeError(
-                f"{type(self).__name__} expects {self.n_cond} condition argument(s) after {name}, "
-                f"got {len(cond)}"
+                f"{type(self).__name__} expects {self.n_conditions} condition argument(s) "
+                f"after {name}, got {len(cond)}"
             )
         x = self._to_tensor(x, name)
+        if x.ndim >= 1 and x.shape[0] == 0:
+            raise ValueError(
+                f"{type(self).__name__}: {name} is an empty batch (shape {tuple(x.shape)}); "
+                "expected at least one sample"
+            )
         cond = tuple(self._to_tensor(c, f"cond[{i}]", like=x) for i, c in enumerate(cond))
         self._validate(x, cond, inverse)
         return kind, x, cond
@@ -370,12 +308,52 @@ class InvertibleModule(torch.nn.Module):
     def _pending_init(self) -> bool:
         return False
 
+    def _init_snapshot(self) -> Any:
+        """What this module's data-dependent initialisation may change, for a rollback."""
+        own = (*self.parameters(recurse=False), *self.buffers(recurse=False))
+        return [(t, t.detach().clone()) for t in own]
+
+    def _init_restore(self, snapshot: Any) -> None:
+        """Undo an initialisation from :meth:`_init_snapshot`'s result."""
+        with torch.no_grad():
+            for t, saved in snapshot:
+                t.copy_(saved)
+
     def _ensure_initialized(self, x: torch.Tensor, cond: tuple, inverse: bool) -> None:
         # Data-dependent initialisation mutates parameters, which must not happen inside the
         # autograd bridge or a torch.func transform, so it runs here, once, before any of them.
-        if self._needs_init():
+        # It is all-or-nothing: if the first call fails midway (bad data, an operator that
+        # raises), every layer it initialised is restored, so no layer keeps statistics of a
+        # batch that never went through. The lock makes concurrent first calls initialise once
+        # (Dynamo cannot trace a lock; a compiled call checks the flags, which it guards on).
+        if torch.compiler.is_compiling():
+            if self._needs_init():
+                self._initialize_all(x, cond, inverse)
+            return
+        with _INIT_LOCK:
+            if self._needs_init():
+                self._initialize_all(x, cond, inverse)
+
+    def _initialize_all(self, x: torch.Tensor, cond: tuple, inverse: bool) -> None:
+        pending = [
+            m for m in self.modules() if isinstance(m, InvertibleModule) and m._pending_init()
+        ]
+        snapshots = [(m, m._init_snapshot()) for m in pending]
+        try:
             with torch.no_grad():
                 (self._inverse if inverse else self._forward)(x.detach(), *cond)
+        except BaseException as err:
+            for m, snapshot in snapshots:
+                m._init_restore(snapshot)
+            layer = getattr(err, "invops_layer", None)
+            if isinstance(err, ValueError) and layer is not None and layer is not self:
+                path = next((n for n, m in self.named_modules() if m is layer), None)
+                if path is not None:
+                    raise ValueError(
+                        f"{type(self).__name__}: layer {path!r} ({type(layer).__name__}) could "
+                        f"not be initialised: {err}; no layer of the network was initialised"
+                    ) from err
+            raise
 
     def _cotangent_logdet(self, dlogdet: Any, out: torch.Tensor) -> torch.Tensor | None:
         """``dlogdet`` as a ``(B,)`` tensor on ``out``'s device and in its dtype."""
@@ -414,9 +392,10 @@ class InvertibleModule(torch.nn.Module):
             if self._use_bridge(x, cond):
                 from .autograd import apply_memory_free
 
-                y, logdet = apply_memory_free(self, x, cond, inverse)
+                y, logdet = apply_memory_free(self, x, cond, inverse)  # unaliased inside
             else:
                 y, logdet = (self._inverse if inverse else self._forward)(x, *cond)
+                y = _unaliased(y, x, *cond)
         if not self.logdet:
             return from_torch(y, kind)
         return from_torch(y, kind), from_torch(logdet, kind)
@@ -446,6 +425,9 @@ class InvertibleModule(torch.nn.Module):
                 inp, dinp, dcond, grads = self._pullback_inverse(out, cond, dout, dlogdet)
             else:
                 inp, dinp, dcond, grads = self._pullback(out, cond, dout, dlogdet)
+            if _reconstruction.SETTING is not None:
+                _reconstruction.check(self, out, inp, cond, inverse)
+            inp, dinp = _unaliased(inp, out, dout, *cond), _unaliased(dinp, out, dout, *cond)
         return kind, inp, dinp, cond, dcond, grads
 
     # ------------------------------------------------------------------ public API
@@ -473,9 +455,9 @@ class InvertibleModule(torch.nn.Module):
         :func:`invops.distributed.all_reduce_gradients` before the optimiser step.
         """
         kind, x, dx, cond, dcond, grads = self._reverse_public(dy, y, cond, dlogdet, inverse=False)
-        _accumulate_into_grad(grads)
+        accumulate_into_grad(grads)
         out = (from_torch(dx, kind), from_torch(x, kind))
-        return out + (self._dcond_out(dcond, cond, kind),) if self.n_cond else out
+        return out + (self._dcond_out(dcond, cond, kind),) if self.n_conditions else out
 
     def backward_inverse(self, dx: Any, x: Any, *cond: Any, dlogdet: Any = None):
         """Reverse mode of the inverse map from its output ``x``: returns ``dy, y`` (+ ``dcond``).
@@ -483,9 +465,9 @@ class InvertibleModule(torch.nn.Module):
         ``dlogdet`` is the cotangent of the inverse's log-determinant.
         """
         kind, y, dy, cond, dcond, grads = self._reverse_public(dx, x, cond, dlogdet, inverse=True)
-        _accumulate_into_grad(grads)
+        accumulate_into_grad(grads)
         out = (from_torch(dy, kind), from_torch(y, kind))
-        return out + (self._dcond_out(dcond, cond, kind),) if self.n_cond else out
+        return out + (self._dcond_out(dcond, cond, kind),) if self.n_conditions else out
 
     def vjp(self, dy: Any, y: Any, *cond: Any, dlogdet: Any = None):
         """Adjoint Jacobian: ``dx, dtheta, x`` (+ ``dcond``), without touching ``p.grad``.
@@ -496,7 +478,7 @@ class InvertibleModule(torch.nn.Module):
         kind, x, dx, cond, dcond, grads = self._reverse_public(dy, y, cond, dlogdet, inverse=False)
         dtheta = tuple(from_torch(g, kind) for g in self._ordered_grads(grads))
         out = (from_torch(dx, kind), dtheta, from_torch(x, kind))
-        return out + (self._dcond_out(dcond, cond, kind),) if self.n_cond else out
+        return out + (self._dcond_out(dcond, cond, kind),) if self.n_conditions else out
 
     def jvp(
         self,
@@ -566,17 +548,6 @@ class InvertibleModule(torch.nn.Module):
         return Reversed(self)
 
 
-def _accumulate_into_grad(grads: Grads) -> None:
-    # A cotangent may be the caller's own tensor (autograd passes dy through unchanged for
-    # y = x + p), so p.grad gets a copy; popping keeps one extra parameter alive, not all of them.
-    while grads:
-        p, g = grads.popitem()
-        if p.grad is None:
-            p.grad = g.detach().clone()
-        else:
-            p.grad.add_(g)
-
-
 class Reversed(InvertibleModule):
     """The inverse of an invertible module, sharing its parameters.
 
@@ -596,7 +567,7 @@ class Reversed(InvertibleModule):
     def __init__(self, module: InvertibleModule) -> None:
         super().__init__(logdet=module.logdet)
         self.module = module
-        self.n_cond = module.n_cond
+        self.n_conditions = module.n_conditions
 
     def _forward(self, x, *cond):
         return self.module._inverse(x, *cond)
@@ -657,7 +628,7 @@ class Chain(InvertibleModule):
         if not modules:
             raise ValueError("Chain: expected at least one module, got none")
         self.layers = torch.nn.ModuleList(modules)
-        self.n_cond = max(m.n_cond for m in modules)
+        self.n_conditions = max(m.n_conditions for m in modules)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -670,7 +641,7 @@ class Chain(InvertibleModule):
 
     @staticmethod
     def _cond_for(m: InvertibleModule, cond: tuple) -> tuple:
-        return cond[: m.n_cond]
+        return cond[: m.n_conditions]
 
     def _validate(self, x, cond, inverse):
         layer = self.layers[-1] if inverse else self.layers[0]
@@ -711,7 +682,20 @@ class Chain(InvertibleModule):
 
 
 class Identity(InvertibleModule):
-    """The identity map (logdet 0); a placeholder lane in :class:`Parallel`."""
+    """The identity map (logdet 0); a placeholder lane in :class:`Parallel`.
+
+    Its public methods return copies, never the caller's array (as every module's do), so
+    writing into an output leaves the input unchanged.
+
+    Examples
+    --------
+    >>> import torch, invops
+    >>> x = torch.zeros(2, 3)
+    >>> y, logdet = invops.Identity()(x)
+    >>> y += 1.0
+    >>> float(x.abs().max())
+    0.0
+    """
 
     def _forward(self, x, *cond):
         return x, x.new_zeros(x.shape[0])
@@ -760,7 +744,7 @@ class Parallel(InvertibleModule):
             raise ValueError(f"Parallel: sizes must be >= 1, got {tuple(sizes)}")
         self.lanes = torch.nn.ModuleList(modules)
         self.sizes = tuple(int(n) for n in sizes)
-        self.n_cond = max(m.n_cond for m in modules)
+        self.n_conditions = max(m.n_conditions for m in modules)
 
     def _groups(self, x: torch.Tensor) -> list[torch.Tensor]:
         factor = x.shape[1] // sum(self.sizes)
@@ -774,12 +758,12 @@ class Parallel(InvertibleModule):
                 f"(groups {self.sizes}), got shape {tuple(x.shape)}"
             )
         for m, part in zip(self.lanes, self._groups(x)):
-            m._validate(part, cond[: m.n_cond], inverse)
+            m._validate(part, cond[: m.n_conditions], inverse)
 
     def _run(self, x, cond, inverse):
         outs, total = [], x.new_zeros(x.shape[0])
         for m, part in zip(self.lanes, self._groups(x)):
-            out, logdet = (m._inverse if inverse else m._forward)(part, *cond[: m.n_cond])
+            out, logdet = (m._inverse if inverse else m._forward)(part, *cond[: m.n_conditions])
             outs.append(out)
             total = total + logdet
         return torch.cat(outs, dim=1), total
@@ -795,7 +779,7 @@ class Parallel(InvertibleModule):
         dcond_total: list = [None] * len(cond)
         for m, part, dpart in zip(self.lanes, self._groups(out), self._groups(dout)):
             pull = m._pullback_inverse if inverse else m._pullback
-            inp, dinp, dcond, g = pull(part, cond[: m.n_cond], dpart, dlogdet)
+            inp, dinp, dcond, g = pull(part, cond[: m.n_conditions], dpart, dlogdet)
             inputs.append(inp)
             dinputs.append(dinp)
             add_grads(grads, g)
@@ -828,18 +812,18 @@ class Block(torch.nn.Module):
         return self._forward(x, *cond)
 
     def _vjp(self, dy, x, cond):
-        x = _differentiable_copy(x)
-        cond = tuple(_differentiable_copy(c) for c in cond)
-        params = _trainable(self)
+        x = differentiable_copy(x)
+        cond = tuple(differentiable_copy(c) for c in cond)
+        params = trainable(self)
         with torch.enable_grad():
             y = self._forward(x, *cond)
-            dinputs, grads = _local_grads((y,), (dy,), (x, *cond), params)
+            dinputs, grads = local_grads((y,), (dy,), (x, *cond), params)
         dinputs = [torch.zeros_like(t) if d is None else d for d, t in zip(dinputs, (x, *cond))]
         return dinputs[0], tuple(dinputs[1:]), grads
 
     def backward(self, dy: torch.Tensor, x: torch.Tensor, *cond: torch.Tensor):
         dx, dcond, grads = self._vjp(dy, x, cond)
-        _accumulate_into_grad(grads)
+        accumulate_into_grad(grads)
         return (dx, *dcond) if cond else dx
 
     def vjp(self, dy: torch.Tensor, x: torch.Tensor, *cond: torch.Tensor):

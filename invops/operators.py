@@ -93,66 +93,135 @@ class Operator:
                 f"got dtype {d.dtype}"
             )
 
+    def check_output(
+        self,
+        out: Any,
+        inp: torch.Tensor,
+        adjoint: bool = False,
+        shape: Sequence[int] | None = None,
+        data: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Check what the forward (or ``adjoint``) map returned for the batch ``inp``; return it.
+
+        The result must be a tensor with ``inp``'s batch size and, after the batch dimension,
+        ``shape`` if given (inferred by the caller: the model's or the data's shape), else the
+        declared ``data_shape`` (forward) or ``model_shape`` (adjoint). With ``data``, a
+        forward map that returns complex values needs complex data (as a complex matrix or
+        PyLops operator does). Raises ``TypeError`` or ``ValueError`` naming the operator.
+        """
+        which = "adjoint" if adjoint else "forward map"
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"the operator {self.name}: its {which} must return a torch.Tensor, "
+                f"got {type(out).__name__}"
+            )
+        if shape is None:
+            shape = self.model_shape if adjoint else self.data_shape
+        expected = (inp.shape[0], *shape) if shape is not None else None
+        if (
+            out.ndim < 1
+            or out.shape[0] != inp.shape[0]
+            or (expected is not None and tuple(out.shape) != tuple(expected))
+        ):
+            want = f"{tuple(expected)}" if expected is not None else f"({inp.shape[0]}, ...)"
+            raise ValueError(
+                f"the operator {self.name}: its {which} returned shape {tuple(out.shape)} for "
+                f"an input of shape {tuple(inp.shape)}, expected {want} "
+                f"({'models' if adjoint else 'data'}, batch first)"
+            )
+        if data is not None and out.is_complex() and not data.is_complex():
+            raise TypeError(
+                f"d: the operator {self.name} returns complex data, so the data must be complex, "
+                f"got dtype {data.dtype}"
+            )
+        return out
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """:math:`J x` for a batch ``x`` of shape ``(B, *model_shape)``."""
         self.check_model(x)
-        return self._forward(x)
+        return self.check_output(self._forward(x), x)
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         """:math:`J^H y` for a batch (its real part for a complex operator and real models)."""
         self.check_data(y)
-        return self._adjoint(y)
+        return self.check_output(self._adjoint(y), y, adjoint=True)
 
 
 # -------------------------------------------------------------------- differentiable application
+# Every call of the user's maps is checked: the forward output against the declared data shape
+# (or the one the caller knows), the adjoint output against the model's shape, and in reverse
+# and forward mode against the shapes of the primal input and output.
 class _Apply(torch.autograd.Function):
     @staticmethod
-    def forward(x, op):
-        return op._forward(x)
+    def forward(x, op, shape):
+        return op.check_output(op._forward(x), x, shape=shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.op = inputs[1]
-        ctx.real_input = not inputs[0].is_complex()
+        x, op = inputs[0], inputs[1]
+        ctx.op = op
+        ctx.real_input = not x.is_complex()
+        ctx.in_shape, ctx.out_shape = tuple(x.shape[1:]), tuple(output.shape[1:])
 
     @staticmethod
     def backward(ctx, grad):
-        out = ctx.op._adjoint(grad)
-        return (out.real if ctx.real_input and out.is_complex() else out), None
+        out = ctx.op.check_output(ctx.op._adjoint(grad), grad, adjoint=True, shape=ctx.in_shape)
+        return (out.real if ctx.real_input and out.is_complex() else out), None, None
 
     @staticmethod
-    def jvp(ctx, dx, _):
-        return ctx.op._forward(dx)
+    def jvp(ctx, dx, *_):
+        return ctx.op.check_output(ctx.op._forward(dx), dx, shape=ctx.out_shape)
 
 
 class _Adjoint(torch.autograd.Function):
     @staticmethod
-    def forward(y, op):
-        return op._adjoint(y)
+    def forward(y, op, shape):
+        return op.check_output(op._adjoint(y), y, adjoint=True, shape=shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.op = inputs[1]
+        ctx.in_shape, ctx.out_shape = tuple(inputs[0].shape[1:]), tuple(output.shape[1:])
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.op._forward(grad), None
+        return ctx.op.check_output(ctx.op._forward(grad), grad, shape=ctx.in_shape), None, None
 
     @staticmethod
-    def jvp(ctx, dy, _):
-        return ctx.op._adjoint(dy)
+    def jvp(ctx, dy, *_):
+        return ctx.op.check_output(ctx.op._adjoint(dy), dy, adjoint=True, shape=ctx.out_shape)
 
 
-def apply_operator(op: Operator, x: torch.Tensor) -> torch.Tensor:
-    """:math:`J x`, differentiable in reverse and forward mode (exact adjoint)."""
+def apply_operator(
+    op: Operator,
+    x: torch.Tensor,
+    data_shape: Sequence[int] | None = None,
+    data: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:math:`J x`, differentiable in reverse and forward mode (exact adjoint).
+
+    ``data_shape`` (the shape of one datum, when the caller knows it) and ``data`` (the data
+    the result will be compared with) tighten the check of the result; see
+    :meth:`Operator.check_output`.
+    """
     op.check_model(x)
-    return _Apply.apply(x, op)
+    shape = None if data_shape is None else tuple(data_shape)
+    out = _Apply.apply(x, op, shape)
+    if data is not None:  # the data's kind is checked outside the Function: d is no input of it
+        op.check_output(out, x, shape=shape, data=data)
+    return out
 
 
-def apply_adjoint(op: Operator, y: torch.Tensor) -> torch.Tensor:
-    """:math:`J^H y` (real part for complex operators), differentiable in both modes."""
+def apply_adjoint(
+    op: Operator, y: torch.Tensor, model_shape: Sequence[int] | None = None
+) -> torch.Tensor:
+    """:math:`J^H y` (real part for complex operators), differentiable in both modes.
+
+    ``model_shape`` (the shape of one model, when the caller knows it) tightens the check of
+    the result.
+    """
     op.check_data(y)
-    return _Adjoint.apply(y, op)
+    return _Adjoint.apply(y, op, None if model_shape is None else tuple(model_shape))
 
 
 # -------------------------------------------------------------------- adapters
@@ -491,11 +560,15 @@ def per_sample(
                 f"({J!r})"
             )
         if isinstance(J, (list, tuple)) and not _is_callable_pair(J):
-            raise TypeError(f"J[{i}]: expected an operator, got a nested {type(J).__name__}")
+            raise TypeError(
+                f"J[{i}]: expected an operator, got a nested {type(J).__name__} (a list J holds "
+                "one operator per sample; give a matrix as a numpy array or torch tensor)"
+            )
         try:
             ops.append(as_operator(J, model_shape, data_shape, real_model))
         except (TypeError, ValueError) as err:
-            raise type(err)(f"J[{i}]: {err}") from None
+            message = str(err).removeprefix("J: ")
+            raise type(err)(f"J[{i}]: {message}") from None
     first = ops[0]
     for i, op in enumerate(ops[1:], start=1):
         if (op.model_shape, op.data_shape) != (first.model_shape, first.data_shape):

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from ._arrays import array_kind, from_torch, to_torch
+from ._autodiff import Grads
 from ._checks import check_layout
-from .module import Grads, InvertibleModule
+from .module import InvertibleModule
 
 __all__ = ["Squeeze", "HaarSqueeze", "split", "cat"]
 

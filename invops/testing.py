@@ -19,7 +19,9 @@ import torch.utils._pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .module import InvertibleModule, functional_state, plain_autograd
+from ._autodiff import functional_state
+from .module import InvertibleModule, plain_autograd
+from .operators import Operator
 
 __all__ = [
     "gradient_test",
@@ -178,17 +180,63 @@ def check_invertible(
 
 
 def dottest(
-    op: pylops.LinearOperator, rtol: float | None = None, n_trials: int = 1, seed: int | None = 0
+    op: pylops.LinearOperator | Operator,
+    rtol: float | None = None,
+    n_trials: int = 1,
+    seed: int | None = 0,
+    *,
+    dtype: torch.dtype = torch.float64,
+    batch: int = 2,
 ) -> bool:
     """``pylops.utils.dottest`` with a tolerance chosen from the operator's dtype.
 
     1e-10 for float64 operators, 1e-4 for float32; ``n_trials`` random pairs are tried.
+
+    ``op`` may also be an :class:`invops.operators.Operator` (what ``as_operator`` returns),
+    tested on a batch of ``batch`` random models and data of ``dtype`` (data complex for a
+    complex operator): ``Re <J x, y> = <x, Re J^H y>`` for real models. Its ``model_shape``
+    and ``data_shape`` must be known (give them to ``as_operator`` for torch callables).
+
+    Examples
+    --------
+    >>> import numpy as np, pylops
+    >>> from invops.operators import as_operator
+    >>> dottest(as_operator(pylops.FirstDerivative(7)))
+    True
     """
+    if isinstance(op, Operator):
+        return _dottest_operator(op, rtol, n_trials, seed, dtype, batch)
     rtol = default_rtol(op.dtype) if rtol is None else rtol
     if seed is not None:
         np.random.seed(seed)  # noqa: NPY002 - pylops.utils.dottest draws from the global state
     for _ in range(n_trials):
         pylops.utils.dottest(op, rtol=rtol, atol=0.0, raiseerror=True)
+    return True
+
+
+def _dottest_operator(op, rtol, n_trials, seed, dtype, batch) -> bool:
+    if op.model_shape is None or op.data_shape is None:
+        raise ValueError(
+            f"dottest: the operator {op.name} has no declared shapes; give model_shape and "
+            "data_shape to as_operator"
+        )
+    rtol = default_rtol(dtype) if rtol is None else rtol
+    gen = torch.Generator().manual_seed(0 if seed is None else seed)
+    complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+    for _ in range(n_trials):
+        x = torch.randn(batch, *op.model_shape, generator=gen, dtype=dtype)
+        y = torch.randn(
+            batch, *op.data_shape, generator=gen, dtype=complex_dtype if op.is_complex else dtype
+        )
+        jx, jhy = op.apply(x), op.adjoint(y)
+        lhs = float(torch.real(torch.sum(jx * y.conj())))
+        rhs = float(torch.sum(x * torch.real(jhy)))
+        err = abs(lhs - rhs) / max(abs(lhs), abs(rhs), 1e-300)
+        if err > rtol:
+            raise AssertionError(
+                f"dottest: the operator {op.name} fails the dot test: <Jx, y> = {lhs:.12g}, "
+                f"<x, J^H y> = {rhs:.12g}, relative error {err:.2e} > {rtol:.0e}"
+            )
     return True
 
 

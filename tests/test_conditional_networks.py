@@ -498,7 +498,7 @@ def test_reverse_is_the_sampling_direction(family, cfg):
     contract checks, at a point of the latent space."""
     net, x, c = (build_glow if family == "glow" else build_hint)(cfg)
     rev = net.reverse()
-    assert rev.reverse() is net and rev.n_cond == 1
+    assert rev.reverse() is net and rev.n_conditions == 1
     assert all(a is b for a, b in zip(rev.parameters(), net.parameters()))
     z, _ = _out(net, x, c)
     x_rev, _ = _out(rev, z, c)

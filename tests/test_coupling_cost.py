@@ -74,9 +74,12 @@ class WeightCallCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _BACKWARD_OPS:
+        flat = tree_flatten((args, kwargs))[0]
+        # shape probes on the meta device (input validation) compute nothing
+        on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for t in flat)
+        if func in _BACKWARD_OPS and not on_meta:
             hit = set()
-            for t in tree_flatten((args, kwargs))[0]:
+            for t in flat:
                 if isinstance(t, torch.Tensor):
                     name = self.weights.get(_storage_key(t))
                     if name is not None:
@@ -196,6 +199,15 @@ CASES = {
     "hint12_both": (lambda: invops.CouplingLayerHINT(12, 4, permute="both"), (2, 12, 4, 4), None),
     "hint6_dense": (lambda: invops.CouplingLayerHINT(6, 8, ndim=0), (4, 6), None),
     "irim_2d": (lambda: invops.CouplingLayerIRIM(4, 6), (2, 4, 8, 8), None),
+    # every law: additive and spline through the generic coupling (negate: hyperbolic layers)
+    "basic_additive_dense": (
+        lambda: invops.CouplingLayerBasic(4, 6, ndim=0, law="additive"),
+        (3, 4),
+        None,
+    ),
+    "spline_1d": (lambda: invops.CouplingLayerSpline(3, 6, bins=4, ndim=1), (2, 3, 8), None),
+    "glow_spline_2d": (lambda: invops.CouplingLayerGlow(4, 6, law="spline"), (2, 4, 6, 6), None),
+    "hint_spline": (lambda: invops.CouplingLayerHINT(5, 4, law="spline"), (2, 5, 4, 4), None),
     "hyperbolic_none": (lambda: invops.HyperbolicLayer(2, 4), (2, 4, 8, 8), None),
     "hyperbolic_squeeze": (
         lambda: invops.HyperbolicLayer(2, 4, action="squeeze"),

@@ -372,7 +372,7 @@ def test_reverse_shares_parameters_and_inverts(family, variant, rank, batch, cha
     layer, x, cond = prepared(family, variant, rank, batch, channels)
     rev = layer.reverse()
     assert rev.reverse() is layer
-    assert rev.n_cond == layer.n_cond
+    assert rev.n_conditions == layer.n_conditions
     ours, theirs = list(layer.parameters()), list(rev.parameters())
     assert len(ours) == len(theirs) > 0
     assert all(a is b for a, b in zip(ours, theirs))

@@ -27,16 +27,18 @@ def test_density_banana(tmp_path):
     example = load_example("density_banana")
     out = tmp_path / "figs" / "banana.png"
     argv = ["--steps", "60", "--train", "2000", "--test", "1000", "--hidden", "32"]
-    results = example.main([*argv, "--glow-k", "4", "--hint-k", "4", "--out", str(out)])
+    sizes = ["--glow-k", "4", "--hint-k", "4", "--spline-k", "2"]
+    results = example.main([*argv, *sizes, "--out", str(out)])
     assert out.is_file() and out.stat().st_size > 10_000
-    for key in ("glow", "hint", "gaussian", "true"):
+    for key in ("glow", "hint", "spline", "gaussian", "true"):
         assert math.isfinite(results[key]), (key, results)
     # training lowers the held-out NLL of both flows, and the banana is not Gaussian
     assert results["glow"] < results["glow_before"] - 0.3, results
     assert results["hint"] < results["hint_before"] - 0.3, results
+    assert results["spline"] < results["spline_before"] - 0.3, results
     assert results["true"] < results["gaussian"] - 1.0, results
     # no model beats the true density by more than sampling noise (a wrong log-Jacobian would)
-    assert min(results["glow"], results["hint"]) > results["true"] - 0.1, results
+    assert min(results["glow"], results["hint"], results["spline"]) > results["true"] - 0.1, results
 
 
 def test_posterior_linear_gaussian(tmp_path):

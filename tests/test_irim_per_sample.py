@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from conftest import randomize_parameters
 
+import invops
 from invops import NetworkLoop
 from invops.operators import BatchedOperator, as_operator, per_sample
 from invops.physics import MultiCoilMRI2D, TorchMRI, cartesian_mask, coil_sensitivities
@@ -149,6 +150,30 @@ def test_per_sample_loop_against_plain_autograd(kind):
         loop.bind(ops), torch.cat((eta, s), 1), d, rtol=1e-8, jvp_oracle="forward_ad"
     )
     assert dottest(loop.jacobian(eta, s, d, ops, wrt="both"), rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["mri2d", "callables"])
+def test_reconstruction_check_runs_on_the_whole_batch(kind):
+    """The opt-in reconstruction check inverts the loop on the whole batch: a per-sample
+    operator accepts no single sample, and a batched callable pair may not either."""
+    loop, ops, eta, s, d, _ = make_case(kind)
+    if kind == "callables":  # one callable pair that scales each row by its own factor
+        scales = torch.arange(1.0, B + 1, dtype=F64).view(B, 1, 1)
+        ops = (lambda x: x * scales, lambda y: y * scales)
+    previous = invops.set_reconstruction_check(1e-9, action="raise")
+    try:
+        with torch.no_grad():
+            eta_out, s_out = loop(eta, s, d, ops)
+        deta, _, eta_in, _, _ = loop.backward(
+            torch.ones_like(eta), 0 * s_out, eta_out, s_out, d, ops
+        )
+        eta_leaf = eta.clone().requires_grad_()
+        loop(eta_leaf, s, d, ops)[0].sum().backward()  # through the autograd bridge
+    finally:
+        invops.set_reconstruction_check(None)
+        if previous is not None:
+            invops.set_reconstruction_check(*previous)
+    assert rel(eta_in, eta) < 1e-9 and rel(eta_leaf.grad, deta) < 1e-12
 
 
 def test_batched_torch_operator_equals_the_list():

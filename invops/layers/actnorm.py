@@ -52,10 +52,20 @@ class ActNorm(InvertibleModule):
     that call has zero mean and unit (biased) variance per channel: through ``forward`` this
     gives :math:`s_c = -\log\sigma_c`, :math:`t_c = -\mu_c/\sigma_c`; through ``inverse`` (for
     instance as part of ``reverse()``, where the inverse is the direction used) it gives
-    :math:`s_c = \log\sigma_c`, :math:`t_c = \mu_c`, so the *inverse's* output is normalised. A
-    channel whose standard deviation is zero (or below ``1e-6`` times its magnitude) keeps unit
-    scale and is only centred, so constant channels never give NaN or Inf. The ``initialized``
-    buffer is part of ``state_dict()``.
+    :math:`s_c = \log\sigma_c`, :math:`t_c = \mu_c`, so the *inverse's* output is normalised.
+
+    The statistics are computed in float64. A channel is *degenerate*, and keeps unit scale and
+    is only centred, when its values differ only by rounding: :math:`\sigma_c \le 8\,
+    \varepsilon\,|\mu_c|`, with :math:`\varepsilon` the machine epsilon of the data's dtype
+    (``torch.finfo(x.dtype).eps``), or when :math:`\sigma_c` is zero or below the dtype's
+    smallest normal number. The test is relative, so data of any scale (seismic data in SI
+    units, of order :math:`10^{-7}`, as well as data of order :math:`10^{7}`) is normalised, and
+    constant channels never give NaN or Inf.
+
+    A first batch that is empty or holds NaN or Inf raises ``ValueError`` naming the layer and
+    leaves it uninitialised (inside a network, the whole first call is rolled back: no layer
+    keeps statistics of a batch that did not go through). The ``initialized`` buffer is part of
+    ``state_dict()``.
 
     Under ``torch.distributed`` (an initialised default process group with more than one
     process) the statistics are summed over all processes, so data-parallel replicas start from
@@ -94,17 +104,50 @@ class ActNorm(InvertibleModule):
     def _validate(self, x, cond, inverse):
         check_layout(x, self.n_channels, "y" if inverse else "x", "ActNorm")
 
+    def _init_restore(self, snapshot) -> None:
+        super()._init_restore(snapshot)
+        self._ready = bool(self.initialized)
+
+    def _init_error(self, what: str, data: torch.Tensor) -> ValueError:
+        err = ValueError(
+            f"ActNorm({self.n_channels}): {what}; the layer initialises its scale and bias from "
+            f"its first batch (shape {tuple(data.shape)}) and was left uninitialised"
+        )
+        err.invops_layer = self  # lets the calling network name the layer by its path
+        return err
+
     @torch.no_grad()
     def _initialize(self, data: torch.Tensor, inverse: bool) -> None:
         dims = [d for d in range(data.ndim) if d != 1]
-        count = data.new_full((1,), data.numel() // data.shape[1])
-        # two passes (mean, then centred squares) so large offsets do not cancel the variance
-        sums = _sum_over_processes(torch.cat((data.sum(dim=dims), count)))
+        # float64 statistics: float32 sums of squares overflow above ~1e19 and lose the
+        # variance of data far from zero (MPS has no float64)
+        acc = data.dtype if data.device.type == "mps" else torch.float64
+        values = data.to(acc)
+        count = values.new_full((1,), data.numel() // max(data.shape[1], 1))
+        # two passes (mean, then centred squares) so large offsets do not cancel the variance;
+        # the checks read the summed statistics, so every process of a data-parallel run
+        # reaches the same decision (a NaN on any process makes every sum NaN)
+        sums = _sum_over_processes(torch.cat((values.sum(dim=dims), count)))
         count = sums[-1]
+        if count.item() == 0:
+            raise self._init_error("the first batch is empty", data)
+        if not torch.isfinite(sums).all():
+            bad = ~torch.isfinite(data)
+            where = sorted({int(c) for c in bad.nonzero()[:, 1].tolist()}) if bad.any() else None
+            detail = (
+                f"{int(torch.isnan(data).sum())} NaN and {int(torch.isinf(data).sum())} Inf "
+                f"values, in channel(s) {where}"
+                if where is not None
+                else "non-finite values on another process"
+            )
+            raise self._init_error(f"the first batch holds {detail}", data)
         mean = sums[:-1] / count
-        centred = data - channel_view(mean, data.ndim)
+        centred = values - channel_view(mean, values.ndim)
         std = (_sum_over_processes(centred.square().sum(dim=dims)) / count).sqrt()
-        degenerate = std <= 1e-6 * torch.clamp(mean.abs(), min=1.0)
+        if not torch.isfinite(std).all():
+            raise self._init_error("the first batch's variance overflows", data)
+        info = torch.finfo(data.dtype)
+        degenerate = (std <= 8 * info.eps * mean.abs()) | (std < info.tiny)
         std = torch.where(degenerate, torch.ones_like(std), std)
         if inverse:
             self.log_scale.copy_(std.log())

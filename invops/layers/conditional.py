@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from ..module import Chain, InvertibleModule
-from ._subnets import conv_kwargs, default_subnet
 from .conv1x1 import Conv1x1
 from .coupling import Coupling
 from .coupling_hint import CouplingLayerHINT
+from .laws import CouplingLaw, coupling_law
+from .subnets import GLOW_CONV, RESIDUAL_CONV, Subnet, require_factory, subnet_factory
 
 __all__ = ["ConditionalLayerGlow", "ConditionalLayerHINT", "ConditionLane"]
 
@@ -27,25 +25,28 @@ class ConditionalLayerGlow(Chain):
         Channels of the condition: an image with the input's spatial size
         ``(B, n_cond, *spatial)``, or a vector ``(B, n_cond)``.
     n_hidden : int
-        Hidden channels of the conditioner (:class:`~invops.ConditionalResidualBlock`, or an MLP
-        on ``cat(x, c)`` for dense data).
-    k1, k2, p1, p2, s1, s2 : int
-        Conditioner convolutions.
+        Hidden channels of the default conditioner (:class:`~invops.ConditionalResidualBlock`,
+        or an MLP on ``cat(x, c)`` for dense data).
     ndim : int
         Spatial dimensions 1, 2, 3, or 0 for dense data.
     freeze_conv : bool
         Freeze the 1x1 convolution.
+    law : str or CouplingLaw
+        The coupling law (default ``"affine"``).
     scale : (float, float)
-        Bounds of the sigmoid scale.
-    activation : callable, optional
-        Nonlinearity of the default conditioner (default SiLU; see
-        :func:`~invops.layers._subnets.default_subnet` for why not ReLU).
+        Bounds of the affine law's sigmoid scale.
     cond_transform : InvertibleModule, optional
         Applied to the condition before the conditioner sees it (its output then has
         ``n_cond`` channels); trained with the layer. :class:`~invops.NetworkConditionalGlow`
         uses it to normalise the condition and squeeze it to each scale's resolution.
+    subnet : factory or torch.nn.Module, optional
+        Conditioner factory, called as ``subnet(n_in, n_out, n_cond=n_cond)`` (see
+        :mod:`invops.layers.subnets`); the conditioner is called as ``net(x2, c)``.
     logdet : bool
         Whether to report the log-determinant.
+    **subnet_options
+        ``k1, k2, p1, p2, s1, s2, activation`` of the default
+        :class:`~invops.SubnetFactory` (defaults here ``3, 1, 1, 0, 1, 1``, SiLU).
 
     Notes
     -----
@@ -64,36 +65,29 @@ class ConditionalLayerGlow(Chain):
         n_in: int,
         n_cond: int,
         n_hidden: int = 32,
-        k1: int = 3,
-        k2: int = 1,
-        p1: int = 1,
-        p2: int = 0,
-        s1: int = 1,
-        s2: int = 1,
+        *,
         ndim: int = 2,
         freeze_conv: bool = False,
+        law: str | CouplingLaw = "affine",
         scale: tuple[float, float] = (0.5, 2.0),
-        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
         cond_transform: InvertibleModule | None = None,
+        subnet: Subnet | None = None,
         logdet: bool = True,
+        **subnet_options: Any,
     ) -> None:
+        owner = type(self).__name__
         if n_in < 2:
-            raise ValueError(f"ConditionalLayerGlow: n_in must be >= 2, got {n_in}")
-        n_first = (n_in + 1) // 2
-        conv = conv_kwargs(k1, k2, p1, p2, s1, s2)
-        subnet = default_subnet(
-            n_in - n_first, 2 * n_first, n_hidden, ndim, conv, n_cond=n_cond, activation=activation
-        )
+            raise ValueError(f"{owner}: n_in must be >= 2, got {n_in}")
         coupling = Coupling(
             n_in,
-            subnet,
-            n_first=n_first,
+            subnet_factory(subnet, owner, n_hidden, ndim, GLOW_CONV, subnet_options),
+            coupling_law(law, scale, owner),
             fixed="second",
-            kind="affine",
-            scale=scale,
-            n_cond=1,
+            n_conditions=1,
+            condition_channels=n_cond,
             cond_transform=cond_transform,
             ndim=ndim,
+            owner=owner,
         )
         super().__init__(Conv1x1(n_in, freeze=freeze_conv), coupling, logdet=logdet)
 
@@ -127,17 +121,20 @@ class ConditionalLayerHINT(ConditionLane, Chain):
         Hidden channels of every conditioner.
     permute : bool
         Mix each lane with an orthogonal 1x1 convolution first.
-    k1, k2, p1, p2, s1, s2 : int
-        Conditioner convolutions.
     ndim : int
         Spatial dimensions 1, 2, 3, or 0 for dense data.
+    law : str or CouplingLaw
+        The law of every coupling (default ``"affine"``).
     scale : (float, float)
-        Bounds of the sigmoid scales.
-    activation : callable, optional
-        Nonlinearity of the default conditioner (default SiLU; see
-        :func:`~invops.layers._subnets.default_subnet` for why not ReLU).
+        Bounds of the affine law's sigmoid scales.
+    subnet : factory, optional
+        Conditioner factory ``(n_in, n_out) -> Block`` (see :mod:`invops.layers.subnets`),
+        called once per coupling of both lanes and of the coupling between them.
     logdet : bool
         Whether to report the log-determinant.
+    **subnet_options
+        ``k1, k2, p1, p2, s1, s2, activation`` of the default
+        :class:`~invops.SubnetFactory` (defaults here ``3, 3, 1, 1, 1, 1``, SiLU).
 
     Notes
     -----
@@ -169,23 +166,21 @@ class ConditionalLayerHINT(ConditionLane, Chain):
         n_cond: int,
         n_hidden: int = 32,
         permute: bool = True,
-        k1: int = 3,
-        k2: int = 3,
-        p1: int = 1,
-        p2: int = 1,
-        s1: int = 1,
-        s2: int = 1,
+        *,
         ndim: int = 2,
+        law: str | CouplingLaw = "affine",
         scale: tuple[float, float] = (0.5, 2.0),
-        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        subnet: Subnet | None = None,
         logdet: bool = True,
+        **subnet_options: Any,
     ) -> None:
+        owner = type(self).__name__
         if n_in < 2 or n_cond < 2:
-            raise ValueError(
-                f"ConditionalLayerHINT: n_in and n_cond must be >= 2, got {n_in} and {n_cond}"
-            )
-        conv = conv_kwargs(k1, k2, p1, p2, s1, s2)
-        hint = dict(n_hidden=n_hidden, ndim=ndim, scale=scale, activation=activation, **conv)
+            raise ValueError(f"{owner}: n_in and n_cond must be >= 2, got {n_in} and {n_cond}")
+        factory = require_factory(
+            subnet_factory(subnet, owner, n_hidden, ndim, RESIDUAL_CONV, subnet_options), owner
+        )
+        hint = dict(ndim=ndim, law=law, scale=scale, subnet=factory)
         x_lane = [Conv1x1(n_in)] if permute else []
         x_lane.append(CouplingLayerHINT(n_in, **hint))
         y_lane = [Conv1x1(n_cond)] if permute else []
@@ -193,13 +188,14 @@ class ConditionalLayerHINT(ConditionLane, Chain):
         self_y_lane = Chain(*y_lane)
         coupling = Coupling(
             n_in,
-            default_subnet(n_cond, 2 * n_in, n_hidden, ndim, conv, activation=activation),
+            factory,
+            coupling_law(law, scale, owner),
             fixed="none",
-            kind="affine",
-            scale=scale,
-            n_cond=1,
+            n_conditions=1,
+            condition_channels=n_cond,
             cond_transform=self_y_lane,
             ndim=ndim,
+            owner=owner,
         )
         super().__init__(*x_lane, coupling, logdet=logdet)
         self.n_in, self.n_cond_channels, self.ndim = n_in, n_cond, ndim

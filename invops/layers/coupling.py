@@ -1,34 +1,17 @@
-"""The coupling transform shared by every coupling layer, with a one-evaluation reverse pass."""
+"""The generic coupling: any law, any conditioner, one conditioner evaluation per reverse pass."""
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
-from ..module import Block, Grads, InvertibleModule, _differentiable_copy, _local_grads, _trainable
+from .._autodiff import Grads, differentiable_copy, local_grads, trainable
+from ..module import InvertibleModule
+from .laws import CouplingLaw, as_law, bounded_scale
+from .subnets import Subnet, build_subnet
 
 __all__ = ["Coupling", "bounded_scale"]
 
-_KINDS = ("affine", "additive", "negate")
 _FIXED = ("first", "second", "none")
-
-
-def bounded_scale(
-    logit: torch.Tensor, low: float, high: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Scale :math:`S = l + (h - l)\,\sigma(a + a_0)` in :math:`(l, h)` with :math:`S(0) = 1`.
-
-    Returns ``(S, log S)``. The offset :math:`a_0` puts :math:`S = 1` at :math:`a = 0`, so a
-    coupling whose sub-network outputs zeros is the identity.
-    """
-    offset = math.log((1.0 - low) / (high - 1.0))
-    z = logit + offset
-    if low == 0.0:
-        return high * torch.sigmoid(z), math.log(high) - F.softplus(-z)
-    s = low + (high - low) * torch.sigmoid(z)
-    return s, torch.log(s)
 
 
 class Coupling(InvertibleModule):
@@ -38,88 +21,105 @@ class Coupling(InvertibleModule):
     ----------
     n_channels : int
         Channels of the input.
-    subnet : Block or torch.nn.Module
-        Conditioner. Called as ``subnet(x_fixed, *cond)`` (``subnet(*cond)`` when
-        ``fixed="none"``); for ``kind="affine"`` it returns ``2 * n_changed`` channels (scale
-        logits, then shifts), otherwise ``n_changed`` channels (shifts).
+    subnet : factory, Block or torch.nn.Module
+        Conditioner. A factory ``subnet(n_in, n_out)`` (see :mod:`invops.layers.subnets`) is
+        called here with the fixed group's channels (or ``condition_channels`` when
+        ``fixed="none"``) and ``law.n_params`` times the changed channels; a ready module must
+        have those sizes. It is called as ``subnet(x_fixed, *cond)`` (``subnet(*cond)`` when
+        ``fixed="none"``).
+    law : {"affine", "additive", "negate", "spline"} or CouplingLaw
+        The element-wise bijection of the changed group (see :mod:`invops.layers.laws`).
     n_first : int, optional
         Channels of the first group (default ``ceil(n_channels / 2)``).
     fixed : {"first", "second", "none"}
         Which group conditions the other; ``"none"`` changes every channel and conditions on
         the condition arguments only.
-    kind : {"affine", "additive", "negate"}
-        ``"affine"``: :math:`y_b = S \odot x_b + T`; ``"additive"``: :math:`y_b = x_b + T`;
-        ``"negate"``: :math:`y_b = T - x_b` (the leapfrog step of hyperbolic layers).
-    scale : (float, float)
-        Bounds ``(low, high)`` of the affine scale, ``0 <= low < 1 < high``.
-    n_cond : int
+    n_conditions : int
         Number of condition arguments passed on to ``subnet`` (after ``cond_transform``).
+    condition_channels : int, optional
+        Channels of the condition, for a factory of a conditional coupling (called as
+        ``subnet(n_in, n_out, n_cond=condition_channels)``, or ``subnet(condition_channels,
+        n_out)`` with ``fixed="none"``).
     cond_transform : InvertibleModule, optional
         Applied to the (single) condition before the sub-network sees it; its parameters are
         trained with the coupling's (conditional HINT's condition lane).
     ndim : int or None
         Spatial dimensions of the input (0 for dense ``(B, C)``); None skips the rank check.
+    owner : str, optional
+        The public layer this coupling belongs to, named in error messages (default: this
+        class's name).
     logdet : bool
         Whether to report the log-determinant.
 
     Notes
     -----
-    With :math:`x = (x_a, x_b)`, :math:`x_a` the fixed group, and :math:`(a, T) = g(x_a, c)`
-    the conditioner's output, the affine coupling is
+    With :math:`x = (x_a, x_b)`, :math:`x_a` the fixed group, :math:`h = g(x_a, c)` the
+    conditioner's output and :math:`\tau` the law,
 
     .. math::
-        y_a = x_a, \qquad y_b = S(a) \odot x_b + T, \qquad
-        \log|\det \partial_x y| = \textstyle\sum \log S(a),
+        y_a = x_a, \qquad y_b = \tau(x_b; h), \qquad
+        \log|\det \partial_x y| = \log|\det \partial_{x_b} \tau(x_b; h)|,
 
-    with :math:`S` from :func:`bounded_scale`. Its inverse is :math:`x_b = (y_b - T) / S`, and
-    since :math:`y_a = x_a` the conditioner's input is known from either side.
+    and the inverse is :math:`x_b = \tau^{-1}(y_b; h)`: since :math:`y_a = x_a`, the
+    conditioner's input is known from either side.
 
-    The reverse pass (``backward``, ``vjp``, ``backward_inverse``) therefore evaluates the
-    conditioner **once**: with a local autograd graph on :math:`x_a = y_a`, it yields
-    :math:`(S, T)`, which undo the coupling (:math:`x_b`, computed without a graph), and the same
-    graph is then backpropagated with the cotangents of :math:`y_b` and the logdet. No other
-    evaluation happens, unlike InvertibleNetworks.jl and MemCNN, which evaluate the conditioner
-    twice (once to invert, once to differentiate).
+    The reverse pass (``backward``, ``vjp``, ``backward_inverse``, the autograd bridge)
+    therefore evaluates the conditioner **once**, for every law: with a local autograd graph on
+    :math:`x_a = y_a` it yields :math:`h`, which undoes the law without a graph
+    (:math:`x_b = \tau^{-1}(y_b; h)`), and the graph of :math:`\tau(x_b; h)` is then
+    backpropagated with the cotangents of :math:`y_b` and the logdet. InvertibleNetworks.jl and
+    MemCNN evaluate the conditioner twice (once to invert, once to differentiate).
+
+    Examples
+    --------
+    >>> import torch, invops
+    >>> layer = invops.Coupling(5, invops.SubnetFactory(8, ndim=0), law="spline", ndim=0)
+    >>> y, logdet = layer(torch.randn(3, 5))
+    >>> layer.law
+    Spline(bins=8, bound=3.0)
     """
 
     def __init__(
         self,
         n_channels: int,
-        subnet: Block | torch.nn.Module,
+        subnet: Subnet,
+        law: str | CouplingLaw = "affine",
+        *,
         n_first: int | None = None,
         fixed: str = "first",
-        kind: str = "affine",
-        scale: tuple[float, float] = (0.5, 2.0),
-        n_cond: int = 0,
+        n_conditions: int = 0,
+        condition_channels: int | None = None,
         cond_transform: InvertibleModule | None = None,
         ndim: int | None = None,
+        owner: str | None = None,
         logdet: bool = True,
     ) -> None:
         super().__init__(logdet=logdet)
-        if kind not in _KINDS:
-            raise ValueError(f"Coupling: kind must be one of {_KINDS}, got {kind!r}")
+        owner = owner or type(self).__name__
         if fixed not in _FIXED:
-            raise ValueError(f"Coupling: fixed must be one of {_FIXED}, got {fixed!r}")
-        low, high = float(scale[0]), float(scale[1])
-        if not 0.0 <= low < 1.0 < high:
-            raise ValueError(
-                f"Coupling: scale bounds must satisfy 0 <= low < 1 < high, got {scale}"
-            )
+            raise ValueError(f"{owner}: fixed must be one of {_FIXED}, got {fixed!r}")
+        law = as_law(law, owner)
         if fixed == "none":
-            if n_cond < 1:
-                raise ValueError("Coupling: fixed='none' needs a condition (n_cond >= 1)")
+            if n_conditions < 1:
+                raise ValueError(f"{owner}: fixed='none' needs a condition (n_conditions >= 1)")
             n_first = 0
         else:
             if n_channels < 2:
-                raise ValueError(f"Coupling: needs at least 2 channels, got {n_channels}")
+                raise ValueError(f"{owner}: needs at least 2 channels, got {n_channels}")
             n_first = (n_channels + 1) // 2 if n_first is None else int(n_first)
             if not 0 < n_first < n_channels:
-                raise ValueError(f"Coupling: n_first must be in 1..{n_channels - 1}, got {n_first}")
-        self.n_channels, self.n_first, self.fixed, self.kind = n_channels, n_first, fixed, kind
-        self.low, self.high = low, high
-        self.n_cond = n_cond
+                raise ValueError(f"{owner}: n_first must be in 1..{n_channels - 1}, got {n_first}")
+        self.n_channels, self.n_first, self.fixed = n_channels, n_first, fixed
+        self.n_conditions = n_conditions
         self.ndim = ndim
-        self.subnet = subnet
+        self.owner = owner
+        self.law = law
+        n_fixed = n_channels - self.n_changed
+        if fixed == "none":
+            n_in, n_cond = condition_channels or 0, 0
+        else:
+            n_in, n_cond = n_fixed, (condition_channels or 0) if n_conditions else 0
+        self.subnet = build_subnet(subnet, n_in, law.n_params * self.n_changed, owner, n_cond)
         self.cond_transform = cond_transform
 
     @property
@@ -130,13 +130,11 @@ class Coupling(InvertibleModule):
         return self.n_channels - self.n_first if self.fixed == "first" else self.n_first
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.n_channels}, n_first={self.n_first}, fixed={self.fixed!r}, kind={self.kind!r}"
-        )
+        return f"{self.n_channels}, n_first={self.n_first}, fixed={self.fixed!r}"
 
     def _validate(self, x, cond, inverse):
         name = "y" if inverse else "x"
-        owner = type(self).__name__
+        owner = self.owner
         if self.ndim is not None and x.ndim != self.ndim + 2:
             layout = "(B, C)" if self.ndim == 0 else f"(B, C, {', '.join('*' * self.ndim)})"
             raise ValueError(
@@ -173,35 +171,19 @@ class Coupling(InvertibleModule):
         parts = (fixed, changed) if self.fixed == "first" else (changed, fixed)
         return torch.cat(parts, dim=1)
 
-    def _coefficients(self, fixed: torch.Tensor | None, cond: tuple):
-        """Evaluate the conditioner: ``(S, logS, T)``; ``S`` and ``logS`` are floats if constant."""
+    def _conditioner(self, fixed: torch.Tensor | None, cond: tuple) -> torch.Tensor:
+        """Evaluate the conditioner: the law's parameters ``h``, shape-checked."""
         if self.cond_transform is not None:
             cond = (self.cond_transform._forward(cond[0])[0], *cond[1:])
         h = self.subnet(*cond) if fixed is None else self.subnet(fixed, *cond)
-        n = self.n_changed
-        expected = 2 * n if self.kind == "affine" else n
-        if h.shape[1] != expected:
-            raise ValueError(
-                f"{type(self).__name__}: the sub-network must return {expected} channels, "
-                f"got {h.shape[1]}"
-            )
-        if self.kind == "affine":
-            s, log_s = bounded_scale(h[:, :n], self.low, self.high)
-            return s, log_s, h[:, n:]
-        return (1.0 if self.kind == "additive" else -1.0), 0.0, h
-
-    @staticmethod
-    def _per_sample(log_s, like: torch.Tensor) -> torch.Tensor:
-        if isinstance(log_s, float):
-            return like.new_zeros(like.shape[0])
-        return log_s.flatten(1).sum(1)
+        self.law.check(h, self.n_changed, self.owner)
+        return h
 
     def _transform(self, x: torch.Tensor, cond: tuple, inverse: bool):
         fixed, changed = self._split(x)
-        s, log_s, t = self._coefficients(fixed, cond)
-        out = (changed - t) / s if inverse else s * changed + t
-        logdet = self._per_sample(log_s, x)
-        return self._merge(fixed, out), -logdet if inverse else logdet
+        h = self._conditioner(fixed, cond)
+        out, logdet = (self.law.inverse if inverse else self.law.forward)(changed, h)
+        return self._merge(fixed, out), logdet
 
     def _forward(self, x, *cond):
         return self._transform(x, cond, inverse=False)
@@ -213,28 +195,21 @@ class Coupling(InvertibleModule):
     def _one_pass(self, out, cond, dout, dlogdet, inverse: bool):
         fixed, changed_out = self._split(out)
         d_fixed, d_changed = self._split(dout)
-        fixed_leaf = _differentiable_copy(fixed)
-        cond_leaves = tuple(_differentiable_copy(c) for c in cond)
-        params = _trainable(self)
+        fixed_leaf = differentiable_copy(fixed)
+        cond_leaves = tuple(differentiable_copy(c) for c in cond)
+        law = self.law
+        undo, redo = (law.forward, law.inverse) if inverse else (law.inverse, law.forward)
         with torch.enable_grad():
-            s, log_s, t = self._coefficients(fixed_leaf, cond_leaves)
-            with torch.no_grad():  # undo the coupling with the same coefficients
-                if inverse:  # out = x, recover y
-                    changed_in = s * changed_out + t
-                else:
-                    changed_in = (changed_out - t) / s
+            h = self._conditioner(fixed_leaf, cond_leaves)
+            with torch.no_grad():  # undo the law with the same conditioner output
+                changed_in, _ = undo(changed_out, h)
             changed_leaf = changed_in.detach().requires_grad_()
-            if inverse:
-                rebuilt = (changed_leaf - t) / s
-                logdet = -self._per_sample(log_s, out)
-            else:
-                rebuilt = s * changed_leaf + t
-                logdet = self._per_sample(log_s, out)
-            dinputs, grads = _local_grads(
+            rebuilt, logdet = redo(changed_leaf, h)
+            dinputs, grads = local_grads(
                 (rebuilt, logdet),
                 (d_changed, dlogdet),
                 (changed_leaf, fixed_leaf, *cond_leaves),
-                params,
+                trainable(self),
             )
         d_changed_in, d_fixed_extra, *dcond = dinputs
         if d_changed_in is None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
-from ..module import Block, Chain
-from ._subnets import as_block
+from ..module import Chain
 from .coupling import Coupling
+from .subnets import Subnet, require_factory
 
 __all__ = ["AdditiveCoupling"]
 
@@ -18,14 +16,17 @@ class AdditiveCoupling(Chain):
     ----------
     n_channels : int
         Channels of the input (>= 2).
-    F, G : Block or torch.nn.Module
+    F, G : Block, torch.nn.Module or factory, optional
         Residual functions; ``F`` maps the second group to the first group's channels and ``G``
         the first group to the second's. Plain torch modules are wrapped in
-        :class:`~invops.TorchBlock`.
+        :class:`~invops.TorchBlock`; factories ``(n_in, n_out) -> Block`` are called with those
+        sizes.
     n_first : int, optional
         Channels of the first group (default ``ceil(n_channels / 2)``).
     ndim : int or None
         Spatial dimensions (0 for dense) for input checks; None accepts any rank.
+    subnet : factory, optional
+        Builds both ``F`` and ``G`` (each call gives its own weights) when they are not given.
     logdet : bool
         Whether to report the log-determinant (always 0).
 
@@ -48,22 +49,32 @@ class AdditiveCoupling(Chain):
     def __init__(
         self,
         n_channels: int,
-        F: Block | torch.nn.Module,
-        G: Block | torch.nn.Module,
+        F: Subnet | None = None,
+        G: Subnet | None = None,
         n_first: int | None = None,
         ndim: int | None = None,
+        *,
+        subnet: Subnet | None = None,
         logdet: bool = True,
     ) -> None:
+        owner = type(self).__name__
+        if F is None and G is None:
+            if subnet is None:
+                raise TypeError(f"{owner}: give the residual functions F and G, or subnet=")
+            F = G = require_factory(subnet, owner)
+        elif F is None or G is None or subnet is not None:
+            raise TypeError(f"{owner}: give both F and G, or a subnet factory, not a mix")
         first = Coupling(
-            n_channels, as_block(F), n_first=n_first, fixed="second", kind="additive", ndim=ndim
+            n_channels, F, "additive", n_first=n_first, fixed="second", ndim=ndim, owner=owner
         )
         second = Coupling(
             n_channels,
-            as_block(G),
+            G,
+            "additive",
             n_first=first.n_first,
             fixed="first",
-            kind="additive",
             ndim=ndim,
+            owner=owner,
         )
         super().__init__(first, second, logdet=logdet)
 

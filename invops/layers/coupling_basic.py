@@ -1,48 +1,48 @@
-"""RealNVP affine coupling with a bounded sigmoid scale."""
+"""RealNVP coupling: the second channel group is transformed by a law conditioned on the first."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
-import torch
-
-from ..module import Block
-from ._subnets import as_block, conv_kwargs, default_subnet
 from .coupling import Coupling
+from .laws import CouplingLaw, coupling_law
+from .subnets import RESIDUAL_CONV, Subnet, subnet_factory
 
 __all__ = ["CouplingLayerBasic"]
 
 
 class CouplingLayerBasic(Coupling):
-    r"""Affine coupling of Dinh et al. (RealNVP): the second channel group is scaled and shifted.
+    r"""Coupling of Dinh et al. (RealNVP): the second channel group is scaled and shifted.
 
     Parameters
     ----------
     n_in : int
         Channels (>= 2, odd counts allowed: the first group has ``ceil(n_in / 2)``).
     n_hidden : int
-        Hidden channels of the default residual-block conditioner.
-    k1, k2, p1, p2, s1, s2 : int
-        Kernel sizes, paddings and strides of the default conditioner (see
-        :class:`~invops.ResidualBlock`).
+        Hidden channels of the default conditioner.
     ndim : int
         Spatial dimensions 1, 2, 3, or 0 for dense ``(B, C)`` data (an MLP conditioner).
+    law : str or CouplingLaw
+        The coupling law (default ``"affine"``; ``"additive"``, ``"spline"`` or any
+        :class:`~invops.CouplingLaw`).
     scale : (float, float)
-        Bounds of the sigmoid scale (default ``(0.5, 2)``; the scale is 1 when the conditioner
-        outputs 0).
-    subnet : Block or torch.nn.Module, optional
-        A custom conditioner from ``ceil(n_in/2)`` to ``2 * floor(n_in/2)`` channels.
-    activation : callable, optional
-        Nonlinearity of the default conditioner (default SiLU; see
-        :func:`~invops.layers._subnets.default_subnet` for why not ReLU).
+        Bounds of the affine law's sigmoid scale (default ``(0.5, 2)``; the scale is 1 when the
+        conditioner outputs 0).
+    subnet : factory or torch.nn.Module, optional
+        Conditioner factory ``(n_in, n_out) -> Block`` (see :mod:`invops.layers.subnets`), or a
+        ready module from ``ceil(n_in/2)`` to ``law.n_params * floor(n_in/2)`` channels.
     logdet : bool
         Whether to report the log-determinant.
+    **subnet_options
+        ``k1, k2, p1, p2, s1, s2, activation`` of the default
+        :class:`~invops.SubnetFactory` (defaults here ``3, 3, 1, 1, 1, 1``, SiLU).
 
     Notes
     -----
-    :math:`y_1 = x_1`, :math:`y_2 = S(a)\odot x_2 + T` with :math:`(a, T) = g(x_1)` and
-    :math:`S(a) = l + (h-l)\sigma(a + a_0)`; logdet :math:`\sum\log S`. See
-    :class:`~invops.layers.coupling.Coupling` for the one-evaluation reverse pass.
+    :math:`y_1 = x_1`, :math:`y_2 = \tau(x_2; g(x_1))`; for the affine law
+    :math:`\tau(x; a, T) = S(a)\odot x + T` with :math:`S(a) = l + (h-l)\sigma(a + a_0)` and
+    logdet :math:`\sum\log S`. See :class:`~invops.Coupling` for the one-evaluation reverse
+    pass.
 
     Examples
     --------
@@ -57,33 +57,23 @@ class CouplingLayerBasic(Coupling):
         self,
         n_in: int,
         n_hidden: int = 32,
-        k1: int = 3,
-        k2: int = 3,
-        p1: int = 1,
-        p2: int = 1,
-        s1: int = 1,
-        s2: int = 1,
+        *,
         ndim: int = 2,
+        law: str | CouplingLaw = "affine",
         scale: tuple[float, float] = (0.5, 2.0),
-        subnet: Block | torch.nn.Module | None = None,
-        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        subnet: Subnet | None = None,
         logdet: bool = True,
+        **subnet_options: Any,
     ) -> None:
+        owner = type(self).__name__
         if n_in < 2:
-            raise ValueError(f"CouplingLayerBasic: n_in must be >= 2, got {n_in}")
-        n_first = (n_in + 1) // 2
-        if subnet is None:
-            conv = conv_kwargs(k1, k2, p1, p2, s1, s2)
-            subnet = default_subnet(
-                n_first, 2 * (n_in - n_first), n_hidden, ndim, conv, activation=activation
-            )
+            raise ValueError(f"{owner}: n_in must be >= 2, got {n_in}")
         super().__init__(
             n_in,
-            as_block(subnet),
-            n_first=n_first,
+            subnet_factory(subnet, owner, n_hidden, ndim, RESIDUAL_CONV, subnet_options),
+            coupling_law(law, scale, owner),
             fixed="first",
-            kind="affine",
-            scale=scale,
             ndim=ndim,
+            owner=owner,
             logdet=logdet,
         )

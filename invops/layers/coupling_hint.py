@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
+from typing import Any
 
 from ..module import Chain, Identity, Parallel
-from ._subnets import conv_kwargs, default_subnet
 from .conv1x1 import Conv1x1
 from .coupling import Coupling
+from .laws import CouplingLaw, coupling_law
+from .subnets import RESIDUAL_CONV, Subnet, require_factory, subnet_factory
 
 __all__ = ["CouplingLayerHINT"]
 
@@ -24,25 +23,29 @@ class CouplingLayerHINT(Chain):
     n_in : int
         Channels, any count >= 2 (odd and non-powers of two included).
     n_hidden : int
-        Hidden channels (features, for dense data) of every conditioner.
+        Hidden channels (features, for dense data) of every default conditioner.
     permute : {"none", "lower", "both", "full"}
         Orthogonal 1x1 convolutions around the block: ``"full"`` mixes all channels before,
         ``"both"`` mixes before and un-mixes after (the same convolution), ``"lower"`` mixes the
         lower (second) half before the coupling.
-    k1, k2, p1, p2, s1, s2 : int
-        Conditioner convolutions (see :class:`~invops.ResidualBlock`).
     ndim : int
         Spatial dimensions 1, 2, 3, or 0 for dense ``(B, C)`` data.
+    law : str or CouplingLaw
+        The law of every coupling of the tree (default ``"affine"``). A law given by name is
+        built afresh for each coupling; a law object is shared by all of them.
     scale : (float, float)
-        Bounds of the sigmoid scales.
+        Bounds of the affine law's sigmoid scales.
     recursion_threshold : int
         Blocks with more channels than this recurse into their halves (4, as in
         InvertibleNetworks.jl, in every rank).
-    activation : callable, optional
-        Nonlinearity of the default conditioner (default SiLU; see
-        :func:`~invops.layers._subnets.default_subnet` for why not ReLU).
+    subnet : factory, optional
+        Conditioner factory ``(n_in, n_out) -> Block`` (see :mod:`invops.layers.subnets`),
+        called once per coupling of the tree, so every branch has its own weights.
     logdet : bool
         Whether to report the log-determinant.
+    **subnet_options
+        ``k1, k2, p1, p2, s1, s2, activation`` of the default
+        :class:`~invops.SubnetFactory` (defaults here ``3, 3, 1, 1, 1, 1``, SiLU).
 
     Notes
     -----
@@ -71,48 +74,37 @@ class CouplingLayerHINT(Chain):
         n_in: int,
         n_hidden: int = 32,
         permute: str = "none",
-        k1: int = 3,
-        k2: int = 3,
-        p1: int = 1,
-        p2: int = 1,
-        s1: int = 1,
-        s2: int = 1,
+        *,
         ndim: int = 2,
+        law: str | CouplingLaw = "affine",
         scale: tuple[float, float] = (0.5, 2.0),
         recursion_threshold: int = 4,
-        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        subnet: Subnet | None = None,
         logdet: bool = True,
+        **subnet_options: Any,
     ) -> None:
+        owner = type(self).__name__
         if n_in < 2:
-            raise ValueError(f"CouplingLayerHINT: n_in must be >= 2, got {n_in}")
+            raise ValueError(f"{owner}: n_in must be >= 2, got {n_in}")
         if permute not in _PERMUTE:
-            raise ValueError(
-                f"CouplingLayerHINT: permute must be one of {_PERMUTE}, got {permute!r}"
-            )
+            raise ValueError(f"{owner}: permute must be one of {_PERMUTE}, got {permute!r}")
+        factory = subnet_factory(subnet, owner, n_hidden, ndim, RESIDUAL_CONV, subnet_options)
         self_kwargs = dict(
-            n_hidden=n_hidden,
-            k1=k1,
-            k2=k2,
-            p1=p1,
-            p2=p2,
-            s1=s1,
-            s2=s2,
             ndim=ndim,
+            law=law,
             scale=scale,
             recursion_threshold=recursion_threshold,
-            activation=activation,
+            subnet=factory,
         )
         n_a = (n_in + 1) // 2
         n_b = n_in - n_a
-        conv = conv_kwargs(k1, k2, p1, p2, s1, s2)
         coupling = Coupling(
             n_in,
-            default_subnet(n_a, 2 * n_b, n_hidden, ndim, conv, activation=activation),
-            n_first=n_a,
+            require_factory(factory, owner),
+            coupling_law(law, scale, owner),
             fixed="first",
-            kind="affine",
-            scale=scale,
             ndim=ndim,
+            owner=owner,
         )
         layers = [coupling]
         if n_in > recursion_threshold:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
-import torch
-
-from ..module import Block, Chain
-from ._subnets import as_block, conv_kwargs, default_subnet
+from ..module import Chain
 from .conv1x1 import Conv1x1
 from .coupling import Coupling
+from .subnets import IRIM_CONV, Subnet, subnet_factory
 
 __all__ = ["CouplingLayerIRIM"]
 
@@ -22,21 +20,20 @@ class CouplingLayerIRIM(Chain):
     n_in : int
         Channels (>= 2).
     n_hidden : int
-        Hidden channels of the strided residual-block conditioner.
-    k1, k2, p1, p2, s1, s2 : int
-        Conditioner convolutions; the defaults (4, 3, 0, 1, 4, 1) downsample by 4, so spatial
-        sizes must be multiples of 4.
+        Hidden channels of the default (strided residual-block) conditioner.
     ndim : int
         Spatial dimensions 1, 2 or 3.
     n_reflections : int
         Householder reflections of the 1x1 convolution.
-    subnet : Block or torch.nn.Module, optional
-        Custom conditioner from ``ceil(n_in/2)`` to ``floor(n_in/2)`` channels.
-    activation : callable, optional
-        Nonlinearity of the default conditioner (default SiLU; see
-        :func:`~invops.layers._subnets.default_subnet` for why not ReLU).
+    subnet : factory or torch.nn.Module, optional
+        Conditioner factory ``(n_in, n_out) -> Block`` (see :mod:`invops.layers.subnets`), or a
+        ready module from ``ceil(n_in/2)`` to ``floor(n_in/2)`` channels.
     logdet : bool
         Whether to report the log-determinant (always 0: the layer preserves volume).
+    **subnet_options
+        ``k1, k2, p1, p2, s1, s2, activation`` of the default
+        :class:`~invops.SubnetFactory` (defaults here ``4, 3, 0, 1, 4, 1``, which downsample by
+        4, so spatial sizes must be multiples of 4; SiLU).
 
     Notes
     -----
@@ -58,30 +55,25 @@ class CouplingLayerIRIM(Chain):
         self,
         n_in: int,
         n_hidden: int = 32,
-        k1: int = 4,
-        k2: int = 3,
-        p1: int = 0,
-        p2: int = 1,
-        s1: int = 4,
-        s2: int = 1,
+        *,
         ndim: int = 2,
         n_reflections: int = 3,
-        subnet: Block | torch.nn.Module | None = None,
-        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        subnet: Subnet | None = None,
         logdet: bool = True,
+        **subnet_options: Any,
     ) -> None:
+        owner = type(self).__name__
         if n_in < 2:
-            raise ValueError(f"CouplingLayerIRIM: n_in must be >= 2, got {n_in}")
-        n_first = (n_in + 1) // 2
-        if subnet is None:
-            conv = conv_kwargs(k1, k2, p1, p2, s1, s2)
-            subnet = default_subnet(
-                n_first, n_in - n_first, n_hidden, ndim, conv, activation=activation
-            )
-        conv1x1 = Conv1x1(n_in, n_reflections=n_reflections)
+            raise ValueError(f"{owner}: n_in must be >= 2, got {n_in}")
         coupling = Coupling(
-            n_in, as_block(subnet), n_first=n_first, fixed="first", kind="additive", ndim=ndim
+            n_in,
+            subnet_factory(subnet, owner, n_hidden, ndim, IRIM_CONV, subnet_options),
+            "additive",
+            fixed="first",
+            ndim=ndim,
+            owner=owner,
         )
+        conv1x1 = Conv1x1(n_in, n_reflections=n_reflections)
         super().__init__(conv1x1, coupling, conv1x1.reverse(), logdet=logdet)
 
     @property

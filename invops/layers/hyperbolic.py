@@ -10,6 +10,7 @@ from ..module import Block, Chain, InvertibleModule, Parallel
 from ..squeeze import HaarSqueeze
 from .blocks import _CONV, _CONV_T, _glorot, check_kernel_fits, restoring_padding
 from .coupling import Coupling
+from .subnets import Subnet, build_subnet
 
 __all__ = ["HyperbolicLayer"]
 
@@ -39,6 +40,17 @@ class _Leapfrog(Block):
         pad = restoring_padding(h, c.shape[2:], self.k, self.p, self.s)
         back = _CONV_T[self.ndim](h, self.W, stride=self.s, padding=self.p, output_padding=pad)
         return 2.0 * c - self.alpha * back
+
+
+class _LeapfrogAround(Block):
+    """:math:`c \\mapsto 2c - F(c)` for a user's residual function :math:`F`."""
+
+    def __init__(self, residual: Block) -> None:
+        super().__init__()
+        self.residual = residual
+
+    def _forward(self, c):
+        return 2.0 * c - self.residual(c)
 
 
 class _SwapHalves(InvertibleModule):
@@ -77,6 +89,11 @@ class HyperbolicLayer(Chain):
         :math:`\sigma` (default ``torch.tanh``).
     ndim : int
         Spatial dimensions 1, 2 or 3.
+    subnet : factory, optional
+        Replaces :math:`\alpha K^T \sigma(K\,\cdot + b)` by a residual function
+        :math:`F` from ``subnet(c, c)`` (``c`` the channels of one state after the action; see
+        :mod:`invops.layers.subnets`): :math:`x_{next} = 2x_{curr} - x_{prev} - F(x_{curr})`,
+        still exactly invertible with unit determinant.
     logdet : bool
         Whether to report the log-determinant (always 0).
 
@@ -114,6 +131,7 @@ class HyperbolicLayer(Chain):
         p: int = 1,
         activation: Callable[[torch.Tensor], torch.Tensor] = torch.tanh,
         ndim: int = 2,
+        subnet: Subnet | None = None,
         logdet: bool = True,
     ) -> None:
         if action not in _ACTIONS:
@@ -135,9 +153,20 @@ class HyperbolicLayer(Chain):
             layers.append(Parallel(HaarSqueeze(), HaarSqueeze(), sizes=(1, 1)))
         elif action == "unsqueeze":
             layers.append(Parallel(HaarSqueeze().reverse(), HaarSqueeze().reverse(), sizes=(1, 1)))
-        leapfrog = _Leapfrog(n_mid, n_hidden, k, s, p, alpha, activation, ndim)
+        if subnet is None:
+            leapfrog: Block = _Leapfrog(n_mid, n_hidden, k, s, p, alpha, activation, ndim)
+        else:
+            leapfrog = _LeapfrogAround(build_subnet(subnet, n_mid, n_mid, type(self).__name__))
         layers.append(
-            Coupling(2 * n_mid, leapfrog, n_first=n_mid, fixed="second", kind="negate", ndim=ndim)
+            Coupling(
+                2 * n_mid,
+                leapfrog,
+                "negate",
+                n_first=n_mid,
+                fixed="second",
+                ndim=ndim,
+                owner=type(self).__name__,
+            )
         )
         layers.append(_SwapHalves())
         super().__init__(*layers, logdet=logdet)

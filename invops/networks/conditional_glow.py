@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from ..layers.actnorm import ActNorm
 from ..layers.conditional import ConditionalLayerGlow
+from ..layers.laws import CouplingLaw
+from ..layers.subnets import GLOW_CONV, Subnet
 from ..module import Chain, InvertibleModule
-from ._multiscale import check_multiscale_input, check_scale_args, multiscale, squeezer
+from ._multiscale import MultiscaleFlow, sample_conditional, squeezer
 
 __all__ = ["NetworkConditionalGlow"]
 
 
-class NetworkConditionalGlow(Chain):
+class NetworkConditionalGlow(MultiscaleFlow):
     r"""Glow conditioned on an observation :math:`c`, passed to every step.
 
     Parameters
@@ -36,10 +39,14 @@ class NetworkConditionalGlow(Chain):
     dense_condition : bool
         The condition is a vector ``(B, n_cond)`` (for any ``ndim``) rather than an image with
         the input's spatial size ``(B, n_cond, *spatial)``.
-    k1, k2, p1, p2, s1, s2 : int
-        Conditioner convolutions.
-    activation : callable, optional
-        Conditioner nonlinearity (default SiLU).
+    coupling : {"affine", "spline"} or CouplingLaw
+        The law of every coupling (default the bounded affine law).
+    subnet : factory, optional
+        Conditioner factory, called as ``subnet(n_in, n_out, n_cond=c)`` once per coupling (see
+        :mod:`invops.layers.subnets`).
+    **subnet_options
+        ``k1, k2, p1, p2, s1, s2, activation`` of the default
+        :class:`~invops.SubnetFactory` (defaults ``3, 1, 1, 0, 1, 1``, SiLU).
 
     Notes
     -----
@@ -73,62 +80,45 @@ class NetworkConditionalGlow(Chain):
         ndim: int = 2,
         squeeze: str = "checkerboard",
         dense_condition: bool = False,
-        k1: int = 3,
-        k2: int = 1,
-        p1: int = 1,
-        p2: int = 0,
-        s1: int = 1,
-        s2: int = 1,
-        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        coupling: str | CouplingLaw = "affine",
+        subnet: Subnet | None = None,
+        **subnet_options: Any,
     ) -> None:
-        check_scale_args("NetworkConditionalGlow", L, K, ndim)
         if n_cond < 1:
-            raise ValueError(f"NetworkConditionalGlow: n_cond must be >= 1, got {n_cond}")
+            raise ValueError(f"{type(self).__name__}: n_cond must be >= 1, got {n_cond}")
         dense_condition = dense_condition or ndim == 0
         cond_norm = ActNorm(n_cond)
-        conv = dict(k1=k1, k2=k2, p1=p1, p2=p2, s1=s1, s2=s2)
 
-        def steps(c: int, level: int) -> list[InvertibleModule]:
+        def step(c: int, level: int, subnet: Subnet) -> list[InvertibleModule]:
             if dense_condition:
                 transform, channels = cond_norm, n_cond
             else:
                 transform = Chain(cond_norm, *(squeezer(squeeze) for _ in range(level + 1)))
                 channels = n_cond * 2 ** (ndim * (level + 1))
-            out: list[InvertibleModule] = []
-            for _ in range(K):
-                out.append(ActNorm(c))
-                out.append(
-                    ConditionalLayerGlow(
-                        c,
-                        channels,
-                        n_hidden,
-                        ndim=ndim,
-                        activation=activation,
-                        cond_transform=transform,
-                        **conv,
-                    )
-                )
-            return out
+            glow = ConditionalLayerGlow(
+                c, channels, ndim=ndim, law=coupling, cond_transform=transform, subnet=subnet
+            )
+            return [ActNorm(c), glow]
 
-        net = multiscale(
+        super().__init__(
             n_in,
             L,
-            steps,
-            ndim,
-            squeeze,
-            split_scales,
+            K,
+            step,
+            split_scales=split_scales,
+            ndim=ndim,
+            squeeze=squeeze,
             logdet=logdet,
-            owner="NetworkConditionalGlow",
-            needs="couplings need",
+            n_hidden=n_hidden,
+            subnet=subnet,
+            conv_defaults=GLOW_CONV,
+            subnet_options=subnet_options,
         )
-        super().__init__(*net.layers, logdet=logdet)
-        self.n_in, self.n_cond_channels, self.L, self.K, self.ndim = n_in, n_cond, L, K, ndim
-        self.split_scales, self.dense_condition = split_scales, dense_condition
+        self.n_cond_channels, self.dense_condition = n_cond, dense_condition
         self.cond_norm = cond_norm
 
-    def _validate(self, x, cond, inverse):
-        owner = "NetworkConditionalGlow"
-        check_multiscale_input(x, self.n_in, self.L, self.ndim, owner, "z" if inverse else "x")
+    def _check_condition(self, x, cond):
         (c,) = cond
         expected = (
             (x.shape[0], self.n_cond_channels)
@@ -136,7 +126,9 @@ class NetworkConditionalGlow(Chain):
             else (x.shape[0], self.n_cond_channels, *x.shape[2:])
         )
         if tuple(c.shape) != expected:
-            raise ValueError(f"{owner}: cond[0] must have shape {expected}, got {tuple(c.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: cond[0] must have shape {expected}, got {tuple(c.shape)}"
+            )
 
     def sample(
         self, c: torch.Tensor, n: int = 1, shape: Sequence[int] | None = None
@@ -149,14 +141,8 @@ class NetworkConditionalGlow(Chain):
         if shape is None:
             if self.dense_condition and self.ndim > 0:
                 raise ValueError(
-                    "NetworkConditionalGlow.sample: with a vector condition give "
+                    f"{type(self).__name__}.sample: with a vector condition give "
                     "shape=(n_in, *spatial)"
                 )
             shape = (self.n_in, *c.shape[2:])
-        ref = next(self.parameters())
-        with torch.no_grad():
-            draws = [
-                self.inverse(torch.randn(c.shape[0], *shape, dtype=ref.dtype, device=ref.device), c)
-                for _ in range(n)
-            ]
-        return torch.stack([d[0] if self.logdet else d for d in draws])
+        return sample_conditional(self, c, n, shape)

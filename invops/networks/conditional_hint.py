@@ -1,19 +1,28 @@
-"""Conditional HINT network: a flow of x given y, with y's own invertible lane."""
+"""Conditional HINT networks: a flow of x given y, with y's own invertible lane."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from ..layers._subnets import conv_kwargs, default_subnet
+from .._autodiff import Grads, add_grads
 from ..layers.actnorm import ActNorm
 from ..layers.conditional import ConditionLane
 from ..layers.conv1x1 import Conv1x1
 from ..layers.coupling import Coupling
 from ..layers.coupling_hint import CouplingLayerHINT
-from ..module import Chain, Grads, Identity, InvertibleModule, Parallel, add_grads
-from ._multiscale import squeezer
+from ..layers.laws import CouplingLaw, coupling_law
+from ..layers.subnets import RESIDUAL_CONV, Subnet, require_factory, subnet_factory
+from ..module import Chain, InvertibleModule
+from ._multiscale import (
+    ScaleSkeleton,
+    build_scales,
+    check_scale_args,
+    lane_level,
+    sample_conditional,
+    squeezer,
+)
 
 __all__ = ["NetworkConditionalHINT", "TwoLane", "TwoLaneNetwork", "conditional_hint_steps"]
 
@@ -22,15 +31,15 @@ def conditional_hint_steps(
     cx: int,
     cy: int,
     count: int,
-    n_hidden: int,
     ndim: int,
-    conv: dict,
-    activation: Callable[[torch.Tensor], torch.Tensor] | None,
+    subnet: Subnet,
+    law: str | CouplingLaw,
     permute: bool,
+    owner: str,
 ) -> tuple[list[InvertibleModule], list[InvertibleModule]]:
     """``count`` conditional HINT steps: input-lane chains (ending in a coupling conditioned on
     the condition lane) and condition-lane chains, on ``cx`` and ``cy`` channels."""
-    hint = dict(n_hidden=n_hidden, ndim=ndim, activation=activation, **conv)
+    hint = dict(ndim=ndim, law=law, subnet=subnet)
 
     def lane(c: int) -> list[InvertibleModule]:
         return [ActNorm(c), *([Conv1x1(c)] if permute else []), CouplingLayerHINT(c, **hint)]
@@ -40,11 +49,13 @@ def conditional_hint_steps(
         y_steps.append(Chain(*lane(cy)))
         couple = Coupling(
             cx,
-            default_subnet(cy, 2 * cx, n_hidden, ndim, conv, activation=activation),
+            subnet,
+            coupling_law(law, (0.5, 2.0), owner),
             fixed="none",
-            kind="affine",
-            n_cond=1,
+            n_conditions=1,
+            condition_channels=cy,
             ndim=ndim,
+            owner=owner,
         )
         x_steps.append(Chain(*lane(cx), couple))
     return x_steps, y_steps
@@ -63,7 +74,7 @@ class TwoLane(InvertibleModule):
     passes recover the condition lane by inversion; see :class:`NetworkConditionalHINT`.
     """
 
-    n_cond = 1
+    n_conditions = 1
 
     def __init__(self, x_steps, y_steps, deeper=None, squeeze=None, split=False, logdet=True):
         super().__init__(logdet=logdet)
@@ -71,6 +82,7 @@ class TwoLane(InvertibleModule):
         self.x_steps = torch.nn.ModuleList(x_steps)
         self.y_steps = torch.nn.ModuleList(y_steps)
         self.deeper = deeper
+        self.squeeze = squeeze
         self.q = None if squeeze is None else squeezer(squeeze)
 
     # orthogonal squeezes: a cotangent goes through them with the same maps
@@ -82,18 +94,11 @@ class TwoLane(InvertibleModule):
 
     def y_chain(self) -> Chain:
         """This scale's condition lane as an invertible module."""
-        layers: list[InvertibleModule] = [] if self.q is None else [self.q]
-        layers += list(self.y_steps)
-        if self.deeper is not None:
-            c = self.y_steps[0].layers[0].n_channels
-            if self.split:
-                keep = (c + 1) // 2
-                layers.append(Parallel(self.deeper.y_chain(), Identity(), sizes=(keep, c - keep)))
-            else:
-                layers.append(self.deeper.y_chain())
-        if self.q is not None:
-            layers.append(self.q.reverse())
-        return Chain(*layers, logdet=self.logdet)
+        deeper = None if self.deeper is None else self.deeper.y_chain()
+        channels = self.y_steps[0].layers[0].n_channels
+        return lane_level(
+            list(self.y_steps), deeper, channels, self.squeeze, self.split, self.logdet
+        )
 
     def _y_end(self, y: torch.Tensor) -> torch.Tensor:
         y = self._down(y)
@@ -178,23 +183,72 @@ class TwoLane(InvertibleModule):
         return self._up(x), self._up(dx), (self._up(dy),), grads
 
 
-class TwoLaneNetwork(ConditionLane, InvertibleModule):
-    """A conditional HINT network: a :class:`TwoLane` tree ``self.top`` and its condition lane."""
+class TwoLaneNetwork(ScaleSkeleton, ConditionLane, InvertibleModule):
+    """A conditional HINT network: a :class:`TwoLane` tree ``self.top`` and its condition lane.
 
-    n_cond = 1
+    Built by the multiscale skeleton on the two lanes ``(x, y)``: ``L`` scales of ``K`` steps,
+    both lanes squeezed (``squeeze``, none for dense data) and split alike.
+    """
 
-    def _set_top(self, top: TwoLane) -> None:
-        self.top = top
-        self.y_lane = top.y_chain()
+    n_conditions = 1
+    _names = {False: "x", True: "zx"}
 
-    def _check_observation(self, x: torch.Tensor, cond: tuple, owner: str) -> None:
+    def __init__(
+        self,
+        n_in: int,
+        n_cond: int,
+        n_hidden: int,
+        L: int,
+        K: int,
+        *,
+        split_scales: bool,
+        permute: bool,
+        ndim: int,
+        squeeze: str | None,
+        law: str | CouplingLaw,
+        subnet: Subnet | None,
+        subnet_options: dict[str, Any],
+        logdet: bool,
+    ) -> None:
+        super().__init__(logdet=logdet)
+        owner = type(self).__name__
+        check_scale_args(owner, L, K, ndim)
+        factory = require_factory(
+            subnet_factory(subnet, owner, n_hidden, ndim, RESIDUAL_CONV, subnet_options), owner
+        )
+        squeeze = squeeze if ndim > 0 else None
+        self.top = build_scales(
+            (n_in, n_cond),
+            L,
+            ndim,
+            squeeze,
+            split_scales,
+            steps=lambda chs, i: conditional_hint_steps(
+                *chs, K, ndim, factory, law, permute, owner
+            ),
+            assemble=lambda made, deeper, chs: TwoLane(
+                *made, deeper, squeeze, split_scales, logdet
+            ),
+            owner=owner,
+            needs="HINT needs",
+        )
+        self.y_lane = self.top.y_chain()
+        self._record(n_in, L, K, ndim, squeeze, split_scales)
+        self.n_cond_channels = n_cond
+
+    def _check_condition(self, x: torch.Tensor, cond: tuple) -> None:
         (y,) = cond
         expected = (x.shape[0], self.n_cond_channels, *x.shape[2:])
         if tuple(y.shape) != expected:
             raise ValueError(
-                f"{owner}: cond[0] (the observation y) must have shape {expected}, "
+                f"{type(self).__name__}: cond[0] (the observation y) must have shape {expected}, "
                 f"got {tuple(y.shape)}"
             )
+
+    def sample(self, y: torch.Tensor, n: int = 1) -> torch.Tensor:
+        """``n`` posterior samples of :math:`x` per observation of the batch ``y``:
+        ``(n, B, n_in, *spatial)``."""
+        return sample_conditional(self, y, n, (self.n_in, *y.shape[2:]))
 
     def _forward(self, x, y):
         return self.top._forward(x, y)
@@ -226,12 +280,16 @@ class NetworkConditionalHINT(TwoLaneNetwork):
         Orthogonal 1x1 convolutions before each lane's HINT block.
     ndim : int
         Spatial dimensions 1, 2, 3, or 0 for dense data.
-    k1, k2, p1, p2, s1, s2 : int
-        Conditioner convolutions.
-    activation : callable, optional
-        Conditioner nonlinearity (default SiLU).
+    law : str or CouplingLaw
+        The law of every coupling (default the bounded affine law).
+    subnet : factory, optional
+        Conditioner factory ``(n_in, n_out) -> Block`` (see :mod:`invops.layers.subnets`),
+        called once per coupling.
     logdet : bool
         Whether to report the log-determinant.
+    **subnet_options
+        ``k1, k2, p1, p2, s1, s2, activation`` of the default
+        :class:`~invops.SubnetFactory` (defaults ``3, 3, 1, 1, 1, 1``, SiLU).
 
     Notes
     -----
@@ -274,41 +332,38 @@ class NetworkConditionalHINT(TwoLaneNetwork):
         depth: int,
         permute: bool = True,
         ndim: int = 2,
-        k1: int = 3,
-        k2: int = 3,
-        p1: int = 1,
-        p2: int = 1,
-        s1: int = 1,
-        s2: int = 1,
-        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        law: str | CouplingLaw = "affine",
+        subnet: Subnet | None = None,
         logdet: bool = True,
+        **subnet_options: Any,
     ) -> None:
-        super().__init__(logdet=logdet)
+        owner = type(self).__name__
         if n_in < 2 or n_cond < 2:
-            raise ValueError(
-                f"NetworkConditionalHINT: n_in and n_cond must be >= 2, got {n_in} and {n_cond}"
-            )
+            raise ValueError(f"{owner}: n_in and n_cond must be >= 2, got {n_in} and {n_cond}")
         if depth < 1:
-            raise ValueError(f"NetworkConditionalHINT: depth must be >= 1, got {depth}")
-        x_steps, y_steps = conditional_hint_steps(
+            raise ValueError(f"{owner}: depth must be >= 1, got {depth}")
+        super().__init__(
             n_in,
             n_cond,
-            depth,
             n_hidden,
-            ndim,
-            conv_kwargs(k1, k2, p1, p2, s1, s2),
-            activation,
-            permute,
+            1,
+            depth,
+            split_scales=False,
+            permute=permute,
+            ndim=ndim,
+            squeeze=None,
+            law=law,
+            subnet=subnet,
+            subnet_options=subnet_options,
+            logdet=logdet,
         )
-        self._set_top(TwoLane(x_steps, y_steps, logdet=logdet))
-        self.n_in, self.n_cond_channels, self.ndim = n_in, n_cond, ndim
 
     def _validate(self, x, cond, inverse):
-        owner = "NetworkConditionalHINT"
-        name = "zx" if inverse else "x"
+        # one scale without squeezes: a shape message in the network's own terms
         if x.ndim != self.ndim + 2 or x.shape[1] != self.n_in:
             raise ValueError(
-                f"{owner}: {name} must have shape (B, {self.n_in}"
+                f"{type(self).__name__}: {self._names[inverse]} must have shape (B, {self.n_in}"
                 f"{', *' * self.ndim}) ({self.ndim} spatial dimensions), got {tuple(x.shape)}"
             )
-        self._check_observation(x, cond, owner)
+        self._check_condition(x, cond)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
-import torch
-
-from ..layers._subnets import conv_kwargs
-from ._multiscale import check_multiscale_input, check_scale_args
-from .conditional_hint import TwoLane, TwoLaneNetwork, conditional_hint_steps
+from ..layers.laws import CouplingLaw
+from ..layers.subnets import Subnet
+from .conditional_hint import TwoLaneNetwork
 
 __all__ = ["NetworkMultiScaleConditionalHINT"]
 
@@ -30,12 +28,16 @@ class NetworkMultiScaleConditionalHINT(TwoLaneNetwork):
         Spatial dimensions 1, 2, 3, or 0 for dense data (no squeeze).
     squeeze : {"checkerboard", "patch", "haar"}
         Squeeze per scale, the same for both lanes.
-    k1, k2, p1, p2, s1, s2 : int
-        Conditioner convolutions.
-    activation : callable, optional
-        Conditioner nonlinearity (default SiLU).
+    law : str or CouplingLaw
+        The law of every coupling (default the bounded affine law).
+    subnet : factory, optional
+        Conditioner factory ``(n_in, n_out) -> Block`` (see :mod:`invops.layers.subnets`),
+        called once per coupling.
     logdet : bool
         Whether to report the log-determinant.
+    **subnet_options
+        ``k1, k2, p1, p2, s1, s2, activation`` of the default
+        :class:`~invops.SubnetFactory` (defaults ``3, 3, 1, 1, 1, 1``, SiLU).
 
     Notes
     -----
@@ -70,49 +72,24 @@ class NetworkMultiScaleConditionalHINT(TwoLaneNetwork):
         permute: bool = True,
         ndim: int = 2,
         squeeze: str = "checkerboard",
-        k1: int = 3,
-        k2: int = 3,
-        p1: int = 1,
-        p2: int = 1,
-        s1: int = 1,
-        s2: int = 1,
-        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        law: str | CouplingLaw = "affine",
+        subnet: Subnet | None = None,
         logdet: bool = True,
+        **subnet_options: Any,
     ) -> None:
-        super().__init__(logdet=logdet)
-        owner = "NetworkMultiScaleConditionalHINT"
-        check_scale_args(owner, L, K, ndim)
-        step_kwargs = dict(
-            n_hidden=n_hidden,
-            ndim=ndim,
-            conv=conv_kwargs(k1, k2, p1, p2, s1, s2),
-            activation=activation,
+        super().__init__(
+            n_in,
+            n_cond,
+            n_hidden,
+            L,
+            K,
+            split_scales=split_scales,
             permute=permute,
+            ndim=ndim,
+            squeeze=squeeze,
+            law=law,
+            subnet=subnet,
+            subnet_options=subnet_options,
+            logdet=logdet,
         )
-
-        def level(cx: int, cy: int, i: int) -> TwoLane:
-            factor = 2**ndim if ndim else 1
-            cx, cy = cx * factor, cy * factor
-            if min(cx, cy) < 2:
-                raise ValueError(
-                    f"{owner}: scale {i} would have {cx} and {cy} channels; HINT needs 2 "
-                    "(use fewer scales or split_scales=False)"
-                )
-            x_steps, y_steps = conditional_hint_steps(cx, cy, K, **step_kwargs)
-            deeper = None
-            if i + 1 < L:
-                if split_scales:
-                    deeper = level((cx + 1) // 2, (cy + 1) // 2, i + 1)
-                else:
-                    deeper = level(cx, cy, i + 1)
-            return TwoLane(
-                x_steps, y_steps, deeper, squeeze if ndim else None, split_scales, logdet
-            )
-
-        self._set_top(level(n_in, n_cond, 0))
-        self.n_in, self.n_cond_channels, self.L, self.ndim = n_in, n_cond, L, ndim
-
-    def _validate(self, x, cond, inverse):
-        owner = "NetworkMultiScaleConditionalHINT"
-        check_multiscale_input(x, self.n_in, self.L, self.ndim, owner, "zx" if inverse else "x")
-        self._check_observation(x, cond, owner)

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
-import torch
+from collections.abc import Sequence
+from typing import Any
 
 from ..layers.actnorm import ActNorm
 from ..layers.coupling_glow import CouplingLayerGlow
-from ..module import Chain, InvertibleModule
-from ._multiscale import check_multiscale_input, check_scale_args, multiscale, sample_flow
+from ..layers.laws import CouplingLaw
+from ..layers.subnets import GLOW_CONV, Subnet
+from ..module import InvertibleModule
+from ._multiscale import MultiscaleFlow
 
 __all__ = ["NetworkGlow"]
 
 
-class NetworkGlow(Chain):
+class NetworkGlow(MultiscaleFlow):
     r"""Glow of Kingma and Dhariwal: ``L`` scales of ``K`` steps (ActNorm, Glow coupling).
 
     Parameters
@@ -35,14 +36,19 @@ class NetworkGlow(Chain):
         ``split_scales`` half the features are factored out per scale).
     squeeze : {"checkerboard", "patch", "haar"}
         Squeeze at the start of every scale (channels x ``2**ndim``, spatial sizes / 2).
-    k1, k2, p1, p2, s1, s2 : int
-        Conditioner convolutions (see :class:`~invops.CouplingLayerGlow`).
+    coupling : {"affine", "spline"} or CouplingLaw
+        The law of every coupling: the bounded affine law of Glow (default) or a
+        rational-quadratic spline (neural spline flow); a law object is shared by all couplings.
     freeze_conv : bool
         Freeze every 1x1 convolution.
-    activation : callable, optional
-        Conditioner nonlinearity (default SiLU).
     sample_shape : sequence of int, optional
         Shape of one sample ``(C, *spatial)`` used by :meth:`sample` when none is given.
+    subnet : factory, optional
+        Conditioner factory ``(n_in, n_out) -> Block`` (see :mod:`invops.layers.subnets`),
+        called once per coupling.
+    **subnet_options
+        ``k1, k2, p1, p2, s1, s2, activation`` of the default
+        :class:`~invops.SubnetFactory` (defaults ``3, 1, 1, 0, 1, 1``, SiLU).
 
     Notes
     -----
@@ -77,62 +83,31 @@ class NetworkGlow(Chain):
         logdet: bool = True,
         ndim: int = 2,
         squeeze: str = "checkerboard",
-        k1: int = 3,
-        k2: int = 1,
-        p1: int = 1,
-        p2: int = 0,
-        s1: int = 1,
-        s2: int = 1,
+        *,
+        coupling: str | CouplingLaw = "affine",
         freeze_conv: bool = False,
-        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
         sample_shape: Sequence[int] | None = None,
+        subnet: Subnet | None = None,
+        **subnet_options: Any,
     ) -> None:
-        check_scale_args("NetworkGlow", L, K, ndim)
-        conv = dict(k1=k1, k2=k2, p1=p1, p2=p2, s1=s1, s2=s2)
+        def step(c: int, level: int, subnet: Subnet) -> list[InvertibleModule]:
+            glow = CouplingLayerGlow(
+                c, ndim=ndim, freeze_conv=freeze_conv, law=coupling, subnet=subnet
+            )
+            return [ActNorm(c), glow]
 
-        def steps(c: int, level: int) -> list[InvertibleModule]:
-            out: list[InvertibleModule] = []
-            for _ in range(K):
-                out.append(ActNorm(c))
-                out.append(
-                    CouplingLayerGlow(
-                        c,
-                        n_hidden,
-                        ndim=ndim,
-                        freeze_conv=freeze_conv,
-                        activation=activation,
-                        **conv,
-                    )
-                )
-            return out
-
-        net = multiscale(
+        super().__init__(
             n_in,
             L,
-            steps,
-            ndim,
-            squeeze,
-            split_scales,
+            K,
+            step,
+            split_scales=split_scales,
+            ndim=ndim,
+            squeeze=squeeze,
             logdet=logdet,
-            owner="NetworkGlow",
-            needs="couplings need",
+            n_hidden=n_hidden,
+            subnet=subnet,
+            conv_defaults=GLOW_CONV,
+            subnet_options=subnet_options,
+            sample_shape=sample_shape,
         )
-        super().__init__(*net.layers, logdet=logdet)
-        self.n_in, self.L, self.K, self.ndim = n_in, L, K, ndim
-        self.split_scales, self.squeeze = split_scales, squeeze
-        self.sample_shape = None if sample_shape is None else tuple(sample_shape)
-
-    def extra_repr(self) -> str:
-        return (
-            f"n_in={self.n_in}, L={self.L}, K={self.K}, split_scales={self.split_scales}, "
-            f"ndim={self.ndim}, squeeze={self.squeeze!r}"
-        )
-
-    def _validate(self, x, cond, inverse):
-        check_multiscale_input(
-            x, self.n_in, self.L, self.ndim, "NetworkGlow", "z" if inverse else "x"
-        )
-
-    def sample(self, n: int, shape: Sequence[int] | None = None) -> torch.Tensor:
-        """Draw ``n`` samples: ``inverse(z)`` with ``z ~ N(0, I)`` of shape ``(n, *shape)``."""
-        return sample_flow(self, n, shape or self.sample_shape)

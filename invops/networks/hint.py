@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
-import torch
+from collections.abc import Sequence
+from typing import Any
 
 from ..layers.actnorm import ActNorm
 from ..layers.coupling_hint import CouplingLayerHINT
-from ..module import Chain, InvertibleModule
-from ._multiscale import check_multiscale_input, check_scale_args, multiscale, sample_flow
+from ..layers.laws import CouplingLaw
+from ..layers.subnets import RESIDUAL_CONV, Subnet
+from ..module import InvertibleModule
+from ._multiscale import MultiscaleFlow
 
 __all__ = ["NetworkMultiScaleHINT"]
 
 
-class NetworkMultiScaleHINT(Chain):
+class NetworkMultiScaleHINT(MultiscaleFlow):
     r"""HINT flow of Kruse et al. over ``L`` scales of ``K`` steps (ActNorm, HINT coupling).
 
     Parameters
@@ -30,12 +31,16 @@ class NetworkMultiScaleHINT(Chain):
     squeeze : {"haar", "checkerboard", "patch"}
         Squeeze per scale (default the orthonormal Haar transform; InvertibleNetworks.jl uses a
         CPU-only wavelet transform here).
-    k1, k2, p1, p2, s1, s2 : int
-        Conditioner convolutions.
-    activation : callable, optional
-        Conditioner nonlinearity (default SiLU).
+    coupling : {"affine", "spline"} or CouplingLaw
+        The law of every coupling of the HINT trees (default the bounded affine law).
     sample_shape : sequence of int, optional
         Shape of one sample ``(C, *spatial)`` used by :meth:`sample` when none is given.
+    subnet : factory, optional
+        Conditioner factory ``(n_in, n_out) -> Block`` (see :mod:`invops.layers.subnets`),
+        called once per coupling.
+    **subnet_options
+        ``k1, k2, p1, p2, s1, s2, activation`` of the default
+        :class:`~invops.SubnetFactory` (defaults ``3, 3, 1, 1, 1, 1``, SiLU).
 
     Notes
     -----
@@ -64,50 +69,29 @@ class NetworkMultiScaleHINT(Chain):
         logdet: bool = True,
         ndim: int = 2,
         squeeze: str = "haar",
-        k1: int = 3,
-        k2: int = 3,
-        p1: int = 1,
-        p2: int = 1,
-        s1: int = 1,
-        s2: int = 1,
-        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        coupling: str | CouplingLaw = "affine",
         sample_shape: Sequence[int] | None = None,
+        subnet: Subnet | None = None,
+        **subnet_options: Any,
     ) -> None:
-        check_scale_args("NetworkMultiScaleHINT", L, K, ndim)
-        conv = dict(k1=k1, k2=k2, p1=p1, p2=p2, s1=s1, s2=s2)
+        def step(c: int, level: int, subnet: Subnet) -> list[InvertibleModule]:
+            hint = CouplingLayerHINT(c, permute="full", ndim=ndim, law=coupling, subnet=subnet)
+            return [ActNorm(c), hint]
 
-        def steps(c: int, level: int) -> list[InvertibleModule]:
-            out: list[InvertibleModule] = []
-            for _ in range(K):
-                out.append(ActNorm(c))
-                out.append(
-                    CouplingLayerHINT(
-                        c, n_hidden, permute="full", ndim=ndim, activation=activation, **conv
-                    )
-                )
-            return out
-
-        net = multiscale(
+        super().__init__(
             n_in,
             L,
-            steps,
-            ndim,
-            squeeze,
-            split_scales,
+            K,
+            step,
+            split_scales=split_scales,
+            ndim=ndim,
+            squeeze=squeeze,
             logdet=logdet,
-            owner="NetworkMultiScaleHINT",
+            n_hidden=n_hidden,
+            subnet=subnet,
+            conv_defaults=RESIDUAL_CONV,
+            subnet_options=subnet_options,
+            sample_shape=sample_shape,
             needs="HINT needs",
         )
-        super().__init__(*net.layers, logdet=logdet)
-        self.n_in, self.L, self.K, self.ndim = n_in, L, K, ndim
-        self.split_scales, self.squeeze = split_scales, squeeze
-        self.sample_shape = None if sample_shape is None else tuple(sample_shape)
-
-    def _validate(self, x, cond, inverse):
-        check_multiscale_input(
-            x, self.n_in, self.L, self.ndim, "NetworkMultiScaleHINT", "z" if inverse else "x"
-        )
-
-    def sample(self, n: int, shape: Sequence[int] | None = None) -> torch.Tensor:
-        """Draw ``n`` samples: ``inverse(z)`` with ``z ~ N(0, I)`` of shape ``(n, *shape)``."""
-        return sample_flow(self, n, shape or self.sample_shape)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..layers.hyperbolic import HyperbolicLayer
+from ..layers.subnets import Subnet
 from ..module import Chain
 
 __all__ = ["NetworkHyperbolic"]
@@ -31,6 +32,9 @@ class NetworkHyperbolic(Chain):
         Nonlinearity (default ``torch.tanh``).
     ndim : int
         Spatial dimensions 1, 2 or 3.
+    subnet : factory, optional
+        Replaces every layer's :math:`\alpha K^T\sigma(K\,\cdot + b)` by a residual
+        function from ``subnet(c, c)`` (see :class:`~invops.HyperbolicLayer`).
     logdet : bool
         Whether to report the log-determinant (always 0).
 
@@ -62,6 +66,8 @@ class NetworkHyperbolic(Chain):
         alpha: float = 1.0,
         activation: Callable[[torch.Tensor], torch.Tensor] = torch.tanh,
         ndim: int = 2,
+        *,
+        subnet: Subnet | None = None,
         logdet: bool = True,
     ) -> None:
         if not architecture:
@@ -83,16 +89,23 @@ class NetworkHyperbolic(Chain):
                 p=p,
                 activation=activation,
                 ndim=ndim,
+                subnet=subnet,
             )
             layers.append(layer)
             channels = layer.n_out
         super().__init__(*layers, logdet=logdet)
         self.n_in, self.n_out, self.ndim = n_in, channels, ndim
+        self._valid_shapes: set[tuple[tuple[int, ...], bool]] = set()
 
     def _validate(self, x, cond, inverse):
         # each layer's squeeze action constrains the shape it meets: follow the shape through
-        # the stack on the meta device (no data, no compute)
+        # the stack on the meta device (no data, no compute). The walk costs about as much
+        # Python as a small forward pass, so a shape that passed is remembered.
+        key = (tuple(x.shape), inverse)
+        if key in self._valid_shapes:
+            return
         probe = torch.empty(x.shape, dtype=x.dtype, device="meta")
         for layer in reversed(self.layers) if inverse else self.layers:
             layer._validate(probe, (), inverse)
             probe = (layer._inverse if inverse else layer._forward)(probe)[0]
+        self._valid_shapes.add(key)

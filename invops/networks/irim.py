@@ -16,6 +16,7 @@ from ..layers.actnorm import ActNorm
 from ..layers.coupling import Coupling
 from ..layers.coupling_hint import CouplingLayerHINT
 from ..layers.coupling_irim import CouplingLayerIRIM
+from ..layers.subnets import IRIM_CONV, Subnet, subnet_factory
 from ..module import Block, Chain, InvertibleModule
 from ..operators import Operator, apply_adjoint, apply_operator, as_operator
 
@@ -148,7 +149,10 @@ class _DataFitGradient(Block):
                 "NetworkLoop: no physics operator is bound (call through NetworkLoop)"
             )
         batch, spatial = eta.shape[0], eta.shape[2:]
-        grad = apply_adjoint(op, apply_operator(op, self.physical_model(eta)) - d)
+        model = self.physical_model(eta)
+        # the data and the model fix the shapes J and J^H must return, also for callables
+        residual = apply_operator(op, model, data_shape=d.shape[1:], data=d) - d
+        grad = apply_adjoint(op, residual, model_shape=model.shape[1:])
         if self.complex_model:
             if not grad.is_complex():
                 raise TypeError(
@@ -171,7 +175,10 @@ class _DataFitGradient(Block):
 class _BoundLoop(InvertibleModule):
     """The unrolled loop with one physics operator bound: an invertible map of ``cat(eta, s)``."""
 
-    n_cond = 1
+    n_conditions = 1
+    # the operator may hold one map per sample (a list of masks, a batched callable pair), so the
+    # opt-in reconstruction check inverts the whole batch, not its first sample alone
+    reconstruction_whole_batch = True
 
     def __init__(self, loop: NetworkLoop, op: Operator) -> None:
         super().__init__(logdet=False)
@@ -251,11 +258,9 @@ class NetworkLoop(torch.nn.Module):
         :class:`~invops.CouplingLayerHINT` (``permute="both"``).
     ndim : int
         Spatial dimensions of the model (1, 2 or 3).
-    k1, k2, p1, p2, s1, s2 : int
-        Conditioner convolutions (defaults of InvertibleNetworks.jl: the first convolution
-        downsamples by 4, so model sizes must be multiples of 4).
-    activation : callable, optional
-        Nonlinearity of the conditioners (default SiLU).
+    subnet : factory, optional
+        Conditioner factory ``(n_in, n_out) -> Block`` (see :mod:`invops.layers.subnets`),
+        called once per coupling.
     n_model : int
         Real channels of the model estimate :math:`\eta` (several physical parameters, e.g.
         velocity and density). The operator's model is ``(n_model, *spatial)``, or
@@ -270,6 +275,11 @@ class NetworkLoop(torch.nn.Module):
         (``"parts"``, the default), or maps the magnitude and keeps the phase
         (``"magnitude"``: :math:`\psi(|z|)\, z / |z|`, which is continuous at :math:`z = 0`
         only if :math:`\psi(0) = 0`).
+    **subnet_options
+        ``k1, k2, p1, p2, s1, s2, activation`` of the default
+        :class:`~invops.SubnetFactory` (defaults of InvertibleNetworks.jl, ``4, 3, 0, 1, 4,
+        1``: the first convolution downsamples by 4, so model sizes must be multiples of 4;
+        SiLU).
 
     Notes
     -----
@@ -343,16 +353,12 @@ class NetworkLoop(torch.nn.Module):
         link: str | Callable | tuple[Callable, Callable] | list | None = None,
         type: str = "additive",
         ndim: int = 2,
-        k1: int = 4,
-        k2: int = 3,
-        p1: int = 0,
-        p2: int = 1,
-        s1: int = 4,
-        s2: int = 1,
-        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        subnet: Subnet | None = None,
         n_model: int = 1,
         complex_model: bool = False,
         complex_link: str = "parts",
+        **subnet_options: Any,
     ) -> None:
         super().__init__()
         if isinstance(n_model, bool) or not isinstance(n_model, int) or n_model < 1:
@@ -383,7 +389,7 @@ class NetworkLoop(torch.nn.Module):
         self.complex_link = complex_link
         magnitude = self.complex_model and complex_link == "magnitude"
         psi = link_function(link, n_model // 2 if magnitude else n_model)
-        conv = dict(k1=k1, k2=k2, p1=p1, p2=p2, s1=s1, s2=s2, activation=activation)
+        factory = subnet_factory(subnet, "NetworkLoop", n_hidden, ndim, IRIM_CONV, subnet_options)
         steps: list[InvertibleModule] = []
         for _ in range(maxiter):
             data_fit = _DataFitGradient(
@@ -393,17 +399,18 @@ class NetworkLoop(torch.nn.Module):
                 Coupling(
                     n_in,
                     data_fit,
+                    "additive",
                     n_first=n_model,
                     fixed="first",
-                    kind="additive",
-                    n_cond=1,
+                    n_conditions=1,
                     ndim=ndim,
+                    owner="NetworkLoop",
                 )
             )
             if type == "additive":
-                steps.append(CouplingLayerIRIM(n_in, n_hidden, ndim=ndim, **conv))
+                steps.append(CouplingLayerIRIM(n_in, ndim=ndim, subnet=factory))
             else:
-                steps.append(CouplingLayerHINT(n_in, n_hidden, permute="both", ndim=ndim, **conv))
+                steps.append(CouplingLayerHINT(n_in, permute="both", ndim=ndim, subnet=factory))
         self.steps = Chain(*steps, logdet=False)
 
     # ----------------------------------------------------------------- helpers
@@ -453,6 +460,11 @@ class NetworkLoop(torch.nn.Module):
             raise ValueError(
                 f"NetworkLoop: {names[0]} and {names[1]} must have the same batch size, "
                 f"got {eta_t.shape[0]} and {s_t.shape[0]}"
+            )
+        if eta_t.shape[0] == 0:
+            raise ValueError(
+                f"NetworkLoop: {names[0]} is an empty batch (shape {tuple(eta_t.shape)}); "
+                "expected at least one sample"
             )
         return kind, torch.cat((eta_t, s_t), dim=1)
 

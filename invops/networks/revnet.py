@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..layers.blocks import MLPBlock, ResidualBlock
 from ..layers.coupling_additive import AdditiveCoupling
+from ..layers.subnets import Subnet
 from ..module import Block, Chain, InvertibleModule
 from ._multiscale import check_multiscale_input, squeezer
 
@@ -31,7 +32,12 @@ class NetworkRevNet(Chain):
     squeeze : {"checkerboard", "patch", "haar"}
         Invertible downsampling between stages (channels x ``2**ndim``).
     activation : callable, optional
-        Nonlinearity of the residual functions (default SiLU).
+        Nonlinearity of the default residual functions (default SiLU).
+    subnet : factory, optional
+        Builds the residual functions: ``subnet(n_in, n_out)`` is called for ``F`` and for
+        ``G`` of every block (see :mod:`invops.layers.subnets`). By default residual blocks of
+        3x3 convolutions (an MLP for dense data) that, unlike the couplings' default
+        conditioners, do not start at zero.
     logdet : bool
         Whether to report the log-determinant (always 0).
 
@@ -60,29 +66,30 @@ class NetworkRevNet(Chain):
         ndim: int = 2,
         squeeze: str = "checkerboard",
         activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        subnet: Subnet | None = None,
         logdet: bool = True,
     ) -> None:
         if n_in < 2:
             raise ValueError(f"NetworkRevNet: n_in must be >= 2, got {n_in}")
         if not blocks or any(int(b) < 1 for b in blocks):
             raise ValueError(f"NetworkRevNet: blocks must be positive counts, got {blocks}")
-        act = F.silu if activation is None else activation
+        if subnet is None:
+            act = F.silu if activation is None else activation
+
+            def subnet(n_a: int, n_b: int) -> Block:
+                return _residual(n_a, n_b, n_hidden, ndim, act)
+
+        elif activation is not None:
+            raise TypeError("NetworkRevNet: activation configures the default residual functions")
         layers: list[InvertibleModule] = []
         c = n_in
         for stage, count in enumerate(blocks):
             if stage and ndim > 0:
                 layers.append(squeezer(squeeze))
                 c *= 2**ndim
-            a = (c + 1) // 2
             for _ in range(int(count)):
-                layers.append(
-                    AdditiveCoupling(
-                        c,
-                        _residual(c - a, a, n_hidden, ndim, act),
-                        _residual(a, c - a, n_hidden, ndim, act),
-                        ndim=ndim,
-                    )
-                )
+                layers.append(AdditiveCoupling(c, ndim=ndim, subnet=subnet))
         super().__init__(*layers, logdet=logdet)
         self.n_in, self.n_out, self.ndim = n_in, c, ndim
         self.n_downsamplings = len(blocks) - 1 if ndim > 0 else 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..module import Grads, InvertibleModule, _differentiable_copy, _local_grads, add_grads
+from .._autodiff import Grads, add_grads, differentiable_copy, local_grads
+from ..module import InvertibleModule
 
 __all__ = ["SummarizedNet"]
 
@@ -38,10 +39,10 @@ class SummarizedNet(InvertibleModule):
     >>> z, logdet = net(torch.randn(4, 2), torch.randn(4, 10))
     """
 
-    n_cond = 1
+    n_conditions = 1
 
     def __init__(self, cond_net: InvertibleModule, summary: torch.nn.Module) -> None:
-        if not isinstance(cond_net, InvertibleModule) or cond_net.n_cond != 1:
+        if not isinstance(cond_net, InvertibleModule) or cond_net.n_conditions != 1:
             raise TypeError(
                 "SummarizedNet: cond_net must be an InvertibleModule with one condition, got "
                 f"{type(cond_net).__name__}"
@@ -64,7 +65,7 @@ class SummarizedNet(InvertibleModule):
         return self.cond_net._inverse(y, self.summary(obs))
 
     def _through_summary(self, out, cond, dout, dlogdet, inverse: bool):
-        obs = _differentiable_copy(cond[0])
+        obs = differentiable_copy(cond[0])
         params = [p for p in self.summary.parameters() if p.requires_grad]
         with torch.enable_grad():
             s = self.summary(obs)
@@ -74,7 +75,7 @@ class SummarizedNet(InvertibleModule):
         dobs = None
         if ds is not None:
             with torch.enable_grad():
-                (dobs,), summary_grads = _local_grads((s,), (ds,), (obs,), params)
+                (dobs,), summary_grads = local_grads((s,), (ds,), (obs,), params)
         return inp, dinp, (dobs,), add_grads(grads, summary_grads)
 
     def _pullback(self, y, cond, dy, dlogdet):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
-import torch
+from collections.abc import Sequence
+from typing import Any
 
 from ..layers.conv1x1 import Conv1x1
 from ..layers.coupling_glow import CouplingLayerGlow
+from ..layers.subnets import GLOW_CONV, Subnet, subnet_factory
 from ..module import Chain, Identity, InvertibleModule, Parallel
 from ._multiscale import check_multiscale_input, squeezer
 
@@ -33,10 +33,14 @@ class NetworkUNet(Chain):
         number of levels.
     ndim : int
         Spatial dimensions 1, 2 or 3.
-    activation : callable, optional
-        Conditioner nonlinearity (default SiLU).
+    subnet : factory, optional
+        Conditioner factory ``(n_in, n_out) -> Block`` (see :mod:`invops.layers.subnets`),
+        called once per coupling.
     logdet : bool
         Whether to report the log-determinant.
+    **subnet_options
+        ``k1, k2, p1, p2, s1, s2, activation`` of the default
+        :class:`~invops.SubnetFactory` (defaults ``3, 1, 1, 0, 1, 1``, SiLU).
 
     Notes
     -----
@@ -65,8 +69,10 @@ class NetworkUNet(Chain):
         n_hidden: int,
         blocks: Sequence[int],
         ndim: int = 2,
-        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        subnet: Subnet | None = None,
         logdet: bool = True,
+        **subnet_options: Any,
     ) -> None:
         if n_in < 2:
             raise ValueError(f"NetworkUNet: n_in must be >= 2, got {n_in}")
@@ -75,12 +81,10 @@ class NetworkUNet(Chain):
         if not blocks or any(int(b) < 1 for b in blocks):
             raise ValueError(f"NetworkUNet: blocks must be positive counts, got {blocks}")
         self_blocks = [int(b) for b in blocks]
+        factory = subnet_factory(subnet, "NetworkUNet", n_hidden, ndim, GLOW_CONV, subnet_options)
 
         def couplings(c: int, count: int) -> list[InvertibleModule]:
-            return [
-                CouplingLayerGlow(c, n_hidden, ndim=ndim, activation=activation)
-                for _ in range(count)
-            ]
+            return [CouplingLayerGlow(c, ndim=ndim, subnet=factory) for _ in range(count)]
 
         def level(c: int, i: int) -> list[InvertibleModule]:
             layers = couplings(c, self_blocks[i])
