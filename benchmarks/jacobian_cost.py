@@ -17,7 +17,8 @@ for a multiscale ``NetworkGlow`` (the configuration of ``glow_memory_time.py``, 
 Why. The Jacobian of a network is a ``pylops.LinearOperator`` used inside iterative solvers,
 which apply it and its adjoint many times; the targets are ``jvp`` at most 2.2
 forwards with an input tangent and 3 with input and parameter tangents (issue 16), and
-``J.H @ w`` at most the plain VJP. CPU only: the operator's vectors are numpy arrays (on a GPU they would be cupy).
+``J.H @ w`` at most the plain VJP. CPU only: the operator's vectors are numpy arrays (on a
+GPU they would be cupy).
 """
 
 from __future__ import annotations

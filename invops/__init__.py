@@ -1,6 +1,15 @@
 """invops: memory-efficient invertible networks as nonlinear operators for inverse problems."""
 
-from . import checkpoint, distributed, nonlinear, operators, operators_mpi, solvers, testing
+from . import (
+    checkpoint,
+    distributed,
+    nonlinear,
+    operators,
+    operators_mpi,
+    physics,
+    solvers,
+    testing,
+)
 from ._reconstruction import set_reconstruction_check
 from .activations import (
     ExpClamp,
@@ -177,6 +186,7 @@ __all__ = [
     "nonlinear",
     "operators",
     "operators_mpi",
+    "physics",
     "plain_autograd",
     "relu",
     "relu_derivative",

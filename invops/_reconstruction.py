@@ -67,7 +67,8 @@ def set_reconstruction_check(tol: float | None, action: str = "warn") -> tuple[f
     float32 HINT stacks). If :math:`e > \mathrm{tol}` (or is not finite), the layers of a
     :class:`~invops.Chain` (or network) are walked from the output to name the first one at
     which the error exceeds ``tol``. The cost is one inverse of the module on one sample per
-    reverse pass; with the check off (the default) nothing is computed.
+    reverse pass (on the whole batch for the i-RIM loop, whose physics operator may hold one
+    map per sample); with the check off (the default) nothing is computed.
 
     Examples
     --------
@@ -129,10 +130,13 @@ def check(module, out: torch.Tensor, inp: torch.Tensor, cond: tuple, inverse: bo
     if setting is None:
         return
     tol, action = setting
+    # one sample, unless the module's samples are coupled (the i-RIM loop's operator may hold one
+    # map per sample, and then accepts the whole batch only)
+    rows = slice(None) if getattr(module, "reconstruction_whole_batch", False) else slice(0, 1)
     with torch.no_grad():
-        y = out[:1].detach()
-        x = inp[:1].detach()
-        c = tuple(t[:1].detach() for t in cond)
+        y = out[rows].detach()
+        x = inp[rows].detach()
+        c = tuple(t[rows].detach() for t in cond)
         recompute = module._forward if inverse else module._inverse
         err = _relative(recompute(_rounding_perturbed(y), *c)[0], x)
         if err <= tol:  # False for NaN

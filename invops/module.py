@@ -307,8 +307,10 @@ class InvertibleModule(InvertibleOperator):
         if not (t.is_floating_point() or t.is_complex()):
             raise TypeError(f"{name}: expected a floating-point array, got dtype {t.dtype}")
         if ref is not None:
-            # conditions may be complex (data of a complex physics operator) at the same precision
-            dtype = t.real.dtype if t.is_complex() and name.startswith("cond") else t.dtype
+            # conditions and their tangents may be complex (data of a complex physics operator)
+            # at the same precision
+            complex_ok = name.startswith(("cond", "dcond"))
+            dtype = t.real.dtype if t.is_complex() and complex_ok else t.dtype
             if dtype != ref.dtype:
                 raise TypeError(
                     f"{name}: expected dtype {ref.dtype} (the module's or input's dtype), "

@@ -9,6 +9,7 @@ through ``matmat``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,7 +23,17 @@ import torch
 from ._arrays import from_torch, to_torch
 from .nonlinear import LinearJacobian, NonlinearOperator, blockdiag, vstack
 
-__all__ = ["Operator", "as_operator", "apply_operator", "apply_adjoint", "vstack", "blockdiag"]
+__all__ = [
+    "Operator",
+    "BatchedOperator",
+    "as_operator",
+    "per_sample",
+    "register_batching_rule",
+    "apply_operator",
+    "apply_adjoint",
+    "vstack",
+    "blockdiag",
+]
 
 
 class Operator(NonlinearOperator):
@@ -281,6 +292,14 @@ def _matching_dtype(result: torch.Tensor, like: torch.Tensor) -> torch.dtype:
     return torch.float32 if single else torch.float64
 
 
+def _operand_dtype(matrix: torch.Tensor, like: torch.Tensor) -> torch.dtype:
+    """The dtype to apply ``matrix`` to ``like`` in: complex if either is, ``like``'s precision."""
+    target = _matching_dtype(matrix, like)
+    if like.is_complex() and not target.is_complex:
+        target = torch.complex64 if target == torch.float32 else torch.complex128
+    return target
+
+
 def as_operator(
     J: Any,
     model_shape: Sequence[int] | None = None,
@@ -302,7 +321,12 @@ def as_operator(
           with torch on the tensors' device;
         - a pair ``(forward, adjoint)`` of torch callables applied to whole batches
           ``(B, *model_shape)`` and ``(B, *data_shape)``;
-        - an :class:`Operator` (returned unchanged);
+        - a list (or a tuple that is not a callable pair) of ``B`` of the above, one operator
+          per sample of a batch of exactly ``B`` (a different sampling mask per scan, say): see
+          :func:`per_sample`;
+        - an :class:`Operator` (returned unchanged), including a :class:`BatchedOperator` that
+          holds one operator per sample natively, such as
+          :class:`invops.physics.TorchMRI` built from a stack of masks.
         - a pylops-mpi ``MPILinearOperator`` (e.g. ``MPIVStack``) whose model is replicated on
           every rank and whose data are split across the ranks: each rank passes the same
           models and its own data block (see :mod:`invops.operators_mpi`; ``data_shape`` is
@@ -317,6 +341,18 @@ def as_operator(
     Returns
     -------
     Operator
+        A :class:`BatchedOperator` for a list of per-sample operators.
+
+    Notes
+    -----
+    Two ways to give one operator per sample. A **list** of ``B`` operators is applied row by
+    row, in one call for the whole batch wherever a batching rule knows how to stack that kind
+    of operator (dense matrices, ``pylops.Diagonal``, ``pylops.medical.MRI2D`` with array or
+    vertical-line masks, :class:`invops.physics.MultiCoilMRI2D`,
+    :class:`invops.physics.TorchMRI`; see :func:`register_batching_rule`), else one call per
+    sample. A **batched operator** is an :class:`Operator` whose own ``forward`` and ``adjoint``
+    apply sample ``i``'s map to row ``i`` (a :class:`BatchedOperator` with ``batch_size = B``,
+    or a ``(forward, adjoint)`` pair of torch callables that do so themselves).
 
     Examples
     --------
@@ -333,6 +369,8 @@ def as_operator(
         from .operators_mpi import mpi_operator
 
         return mpi_operator(J, model_shape, data_shape, real_model)
+    if isinstance(J, (list, tuple)) and not _is_callable_pair(J):
+        return per_sample(J, model_shape, data_shape, real_model)
     ms = None if model_shape is None else tuple(int(n) for n in model_shape)
     ds = None if data_shape is None else tuple(int(n) for n in data_shape)
 
@@ -373,6 +411,10 @@ def _from_pylops_mpi(J: Any) -> bool:
     return any(cls.__module__.split(".")[0] == "pylops_mpi" for cls in type(J).__mro__)
 
 
+def _is_callable_pair(J: Any) -> bool:
+    return isinstance(J, tuple) and len(J) == 2 and all(callable(f) for f in J)
+
+
 def _check_sizes(shape, ms, ds, name):
     if math.prod(ms) != shape[1] or math.prod(ds) != shape[0]:
         raise ValueError(
@@ -391,8 +433,9 @@ def _matrix_operator(A, ms, ds, real_model) -> Operator:
     cache: dict = {}
 
     def on(t: torch.Tensor) -> torch.Tensor:
-        # the matrix follows the tensors' device and precision (a complex matrix stays complex)
-        target = _matching_dtype(A_t, t)
+        # the matrix follows the tensors' device and precision (a complex matrix stays complex,
+        # a real one turns complex for complex models)
+        target = _operand_dtype(A_t, t)
         key = (t.device, target)
         if key not in cache:
             cache[key] = A_t.to(device=t.device, dtype=target)
@@ -411,3 +454,248 @@ def _matrix_operator(A, ms, ds, real_model) -> Operator:
         return out.reshape(y.shape[0], *ms)
 
     return Operator(forward, adjoint, ms, ds, A_t.is_complex(), "matrix")
+
+
+# -------------------------------------------------------------------- one operator per sample
+class BatchedOperator(Operator):
+    r"""An :class:`Operator` that may hold one linear map per sample of a batch.
+
+    With ``batch_size = B``, row ``i`` of every batch goes through its own operator
+    :math:`J_i` and only batches of exactly ``B`` samples are accepted (a clear ``ValueError``
+    otherwise); with ``batch_size = None`` one map serves every sample. Build one from a list
+    with :func:`per_sample` (or :func:`as_operator`), or directly, e.g.
+    :class:`invops.physics.TorchMRI` with a stack of masks.
+
+    Parameters
+    ----------
+    forward, adjoint : callable
+        Batched torch functions ``(B, *model_shape) -> (B, *data_shape)`` and back.
+    model_shape, data_shape : tuple of int or None
+        Shapes of one model and one datum.
+    is_complex : bool
+        Whether the operator (its data) is complex.
+    name : str
+        Shown in error messages.
+    batch_size : int or None
+        Number of per-sample operators, or None for one shared map.
+    one_call : bool
+        Whether a batch is applied in one call (``False``: one call per sample).
+    parts : list of Operator, optional
+        The per-sample operators it was built from, if any.
+
+    Notes
+    -----
+    The per-sample operator is the block-diagonal map
+    :math:`\mathrm{diag}(J_1, \dots, J_B)` on the stacked batch, whose adjoint is
+    :math:`\mathrm{diag}(J_1^H, \dots, J_B^H)`; reverse and forward mode through
+    :func:`apply_operator` and :func:`apply_adjoint` are therefore exact, as for one operator.
+    """
+
+    def __init__(
+        self,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        adjoint: Callable[[torch.Tensor], torch.Tensor],
+        model_shape: tuple[int, ...] | None,
+        data_shape: tuple[int, ...] | None,
+        is_complex: bool,
+        name: str,
+        batch_size: int | None = None,
+        one_call: bool = True,
+        parts: Sequence[Operator] | None = None,
+    ) -> None:
+        super().__init__(forward, adjoint, model_shape, data_shape, is_complex, name)
+        if batch_size is not None and int(batch_size) < 1:
+            raise ValueError(f"BatchedOperator: batch_size must be >= 1, got {batch_size}")
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.one_call = bool(one_call)
+        self.parts = None if parts is None else list(parts)
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchedOperator({self.name}, batch_size={self.batch_size}, "
+            f"model_shape={self.model_shape}, data_shape={self.data_shape})"
+        )
+
+    def check_batch(self, n: int, name: str = "model") -> None:
+        """Raise ``ValueError`` unless a batch of ``n`` samples matches the per-sample operators."""
+        if self.batch_size is not None and n != self.batch_size:
+            raise ValueError(
+                f"{name}: the operator {self.name} holds one operator per sample for a batch of "
+                f"{self.batch_size}, got a batch of {n}"
+            )
+
+    def check_model(self, x: torch.Tensor, name: str = "model") -> None:
+        super().check_model(x, name)
+        self.check_batch(x.shape[0], name)
+
+    def check_data(self, d: torch.Tensor, name: str = "data") -> None:
+        super().check_data(d, name)
+        self.check_batch(d.shape[0], name)
+
+
+BatchingRule = Callable[[list, list, bool], "BatchedOperator | None"]
+_BATCHING_RULES: list[BatchingRule] = []
+
+
+def register_batching_rule(rule: BatchingRule) -> BatchingRule:
+    """Teach :func:`per_sample` to apply a list of operators of some kind in one batched call.
+
+    ``rule(raw, ops, real_model)`` receives the operators as the user gave them (``raw``), their
+    :func:`as_operator` adapters (``ops``, already checked to share model and data shapes) and
+    the ``real_model`` flag, and returns a :class:`BatchedOperator` with
+    ``batch_size = len(raw)`` that applies them all at once, or None if it does not apply.
+    Rules registered later are tried first. Usable as a decorator.
+    """
+    _BATCHING_RULES.insert(0, rule)
+    return rule
+
+
+def per_sample(
+    operators: Sequence[Any],
+    model_shape: Sequence[int] | None = None,
+    data_shape: Sequence[int] | None = None,
+    real_model: bool = True,
+) -> BatchedOperator:
+    r"""One operator per sample: row ``i`` of a batch goes through ``operators[i]``.
+
+    Parameters
+    ----------
+    operators : list or tuple
+        ``B`` operators of any kind :func:`as_operator` accepts, with the same model and data
+        shapes (and all real or all complex).
+    model_shape, data_shape, real_model
+        As in :func:`as_operator`, for every operator.
+
+    Returns
+    -------
+    BatchedOperator
+        With ``batch_size = B``. ``one_call`` tells whether a batch is applied in one call
+        (a batching rule knew how to stack these operators: dense matrices,
+        ``pylops.medical.MRI2D`` with array or vertical-line masks,
+        :class:`invops.physics.MultiCoilMRI2D` and :class:`invops.physics.TorchMRI` out of
+        the box) or row by row, one call per sample.
+
+    Notes
+    -----
+    The result is the block-diagonal operator :math:`\mathrm{diag}(J_1, \dots, J_B)`; applying
+    it to a batch gives exactly what applying each :math:`J_i` to its own sample gives.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from invops.operators import per_sample
+    >>> op = per_sample([np.eye(3), 2 * np.eye(3)])
+    >>> op.batch_size, op.one_call
+    (2, True)
+    >>> op.apply(torch.ones(2, 3, dtype=torch.float64))
+    tensor([[1., 1., 1.],
+            [2., 2., 2.]], dtype=torch.float64)
+    """
+    if not isinstance(operators, (list, tuple)) or _is_callable_pair(operators):
+        what = "a callable pair" if _is_callable_pair(operators) else type(operators).__name__
+        raise TypeError(f"J: expected a list of per-sample operators, got {what}")
+    if len(operators) == 0:
+        raise ValueError("J: the list of per-sample operators is empty")
+    ops: list[Operator] = []
+    for i, J in enumerate(operators):
+        if isinstance(J, BatchedOperator) and J.batch_size is not None:
+            raise TypeError(
+                f"J[{i}]: a per-sample list cannot hold an operator that is itself per-sample "
+                f"({J!r})"
+            )
+        if isinstance(J, (list, tuple)) and not _is_callable_pair(J):
+            raise TypeError(
+                f"J[{i}]: expected an operator, got a nested {type(J).__name__} (a list J holds "
+                "one operator per sample; give a matrix as a numpy array or torch tensor)"
+            )
+        try:
+            ops.append(as_operator(J, model_shape, data_shape, real_model))
+        except (TypeError, ValueError) as err:
+            message = str(err).removeprefix("J: ")
+            raise type(err)(f"J[{i}]: {message}") from None
+    first = ops[0]
+    for i, op in enumerate(ops[1:], start=1):
+        if (op.model_shape, op.data_shape) != (first.model_shape, first.data_shape):
+            raise ValueError(
+                f"J: per-sample operators must share their shapes; J[0] ({first.name}) maps "
+                f"{first.model_shape} -> {first.data_shape}, J[{i}] ({op.name}) maps "
+                f"{op.model_shape} -> {op.data_shape}"
+            )
+        if op.is_complex != first.is_complex:
+            raise ValueError(
+                f"J: per-sample operators must be all real or all complex; J[0] ({first.name}) "
+                f"is {'complex' if first.is_complex else 'real'}, J[{i}] ({op.name}) is "
+                f"{'complex' if op.is_complex else 'real'}"
+            )
+    for rule in _BATCHING_RULES:
+        batched = rule(list(operators), ops, real_model)
+        if batched is not None:
+            return batched
+    return _row_by_row(ops)
+
+
+def _row_by_row(ops: list[Operator]) -> BatchedOperator:
+    """The fallback: one call of each per-sample operator on its own row."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([op._forward(x[i : i + 1]) for i, op in enumerate(ops)])
+
+    def adjoint(y: torch.Tensor) -> torch.Tensor:
+        return torch.cat([op._adjoint(y[i : i + 1]) for i, op in enumerate(ops)])
+
+    first = ops[0]
+    return BatchedOperator(
+        forward,
+        adjoint,
+        first.model_shape,
+        first.data_shape,
+        first.is_complex,
+        f"per-sample {first.name}",
+        batch_size=len(ops),
+        one_call=False,
+        parts=ops,
+    )
+
+
+@register_batching_rule
+def _stack_matrices(raw: list, ops: list, real_model: bool) -> BatchedOperator | None:
+    """Dense matrices: one batched matrix product (``torch.bmm``) on the tensors' device."""
+    if not all(isinstance(A, (np.ndarray, torch.Tensor)) for A in raw):
+        return None
+    mats = [to_torch(np.ascontiguousarray(A) if isinstance(A, np.ndarray) else A) for A in raw]
+    if any(M.shape != mats[0].shape for M in mats):
+        return None  # as_operator checked the image shapes; flat sizes may still differ
+    dtype = functools.reduce(torch.promote_types, (M.dtype for M in mats))
+    stack = torch.stack([M.to(dtype) for M in mats])
+    ms, ds = ops[0].model_shape, ops[0].data_shape
+    cache: dict = {}
+
+    def on(t: torch.Tensor) -> torch.Tensor:
+        target = _operand_dtype(stack, t)
+        key = (t.device, target)
+        if key not in cache:
+            cache[key] = stack.to(device=t.device, dtype=target)
+        return cache[key]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        M = on(x)
+        out = torch.bmm(M, x.reshape(x.shape[0], -1, 1).to(M.dtype))
+        return out.reshape(x.shape[0], *ds)
+
+    def adjoint(y: torch.Tensor) -> torch.Tensor:
+        M = on(y)
+        out = torch.bmm(M.mT.conj(), y.reshape(y.shape[0], -1, 1).to(M.dtype))
+        if real_model and out.is_complex():
+            out = out.real
+        return out.reshape(y.shape[0], *ms)
+
+    return BatchedOperator(
+        forward,
+        adjoint,
+        ms,
+        ds,
+        stack.is_complex(),
+        "per-sample matrices",
+        batch_size=len(raw),
+        parts=ops,
+    )

@@ -299,7 +299,6 @@ def test_mismatched_shapes_raise(name):
         {"forward": abs},
         (abs,),
         (abs, abs, abs),
-        (np.eye(2), np.eye(2)),
         [abs, abs],
         None,
     ],
@@ -310,14 +309,22 @@ def test_mismatched_shapes_raise(name):
         "dict",
         "1-tuple",
         "3-tuple",
-        "pair-of-matrices",
         "list-pair",
         "none",
     ],
 )
 def test_unsupported_operator_type_raises(J):
-    with pytest.raises(TypeError, match="J: expected"):
+    # a list or tuple (not a callable pair) is read as one operator per sample: the error names
+    # the entry that is no operator
+    with pytest.raises(TypeError, match=r"J(\[0\])?: expected"):
         as_operator(J)
+
+
+def test_a_pair_of_matrices_is_one_operator_per_sample():
+    op = as_operator((np.eye(2), 2 * np.eye(2)))
+    assert op.batch_size == 2
+    x = torch.ones(2, 2, dtype=torch.float64)
+    assert torch.equal(op.apply(x), torch.tensor([[1.0, 1.0], [2.0, 2.0]], dtype=torch.float64))
 
 
 def test_matrix_of_wrong_rank_raises():

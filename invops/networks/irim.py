@@ -61,13 +61,23 @@ class _UserLink(torch.autograd.Function):
 
 
 def link_function(
-    link: str | Callable | tuple[Callable, Callable] | None,
+    link: str | Callable | tuple[Callable, Callable] | list | None,
+    n_channels: int | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The link :math:`\\psi` as a differentiable torch function.
 
     ``None`` or ``"identity"``, ``"exp"``, ``"softplus"``, ``"sigmoid"``, any differentiable
-    torch callable, or a pair ``(psi, dpsi)`` of callables with ``dpsi`` the derivative.
+    torch callable, or a pair ``(psi, dpsi)`` of callables with ``dpsi`` the derivative. A
+    **list** of such links, one per channel, applies link ``i`` to channel ``i`` (dimension 1)
+    of its input; ``n_channels``, if given, is the length the list must have.
     """
+    if isinstance(link, list):
+        if n_channels is not None and len(link) != n_channels:
+            raise ValueError(
+                f"link: a list of links needs one per model channel ({n_channels}), got {len(link)}"
+            )
+        links = [link_function(item) for item in link]
+        return lambda x: torch.cat([f(x[:, i : i + 1]) for i, f in enumerate(links)], dim=1)
     if link is None:
         return _LINKS["identity"]
     if isinstance(link, str):
@@ -92,12 +102,46 @@ def _bound(op: Operator) -> Iterator[None]:
 
 
 class _DataFitGradient(Block):
-    """:math:`(\\eta, d) \\mapsto [\\mathrm{AN}(\\mathrm{Re}\\,J^T(J\\psi(\\eta) - d)), 0, ...]`."""
+    """:math:`(\\eta, d) \\mapsto [\\mathrm{AN}(g), 0, ...]`, ``g`` the data-fit gradient.
 
-    def __init__(self, n_memory: int, link: Callable, ndim: int) -> None:
+    ``g`` has ``n_model`` real channels: :math:`\\mathrm{Re}\\,J^H(J\\psi(\\eta) - d)` for a real
+    model, :math:`[\\mathrm{Re}, \\mathrm{Im}]\\,J^H(J\\psi(\\eta_c) - d)` for a complex one.
+    """
+
+    def __init__(
+        self,
+        n_memory: int,
+        link: Callable,
+        ndim: int,
+        n_model: int = 1,
+        complex_model: bool = False,
+        complex_link: str = "parts",
+    ) -> None:
         super().__init__()
-        self.normalize = ActNorm(1, logdet=False)
+        self.normalize = ActNorm(n_model, logdet=False)
         self.n_memory, self.link, self.ndim = n_memory, link, ndim
+        self.n_model, self.complex_model, self.complex_link = n_model, complex_model, complex_link
+
+    def physical_model(self, eta: torch.Tensor) -> torch.Tensor:
+        """The operator's model for a state ``eta`` ``(B, n_model, *spatial)``.
+
+        ``(B, k, *spatial)`` with ``k`` the operator's model channels (``n_model``, or
+        ``n_model / 2`` complex ones), or ``(B, *spatial)`` when ``k == 1``.
+        """
+        if not self.complex_model:
+            model = self.link(eta)
+        else:
+            k = self.n_model // 2
+            re, im = eta[:, :k], eta[:, k:]
+            if self.complex_link == "parts":
+                parts = self.link(eta)
+                model = torch.complex(parts[:, :k], parts[:, k:])
+            else:  # the link maps the magnitude and keeps the phase
+                tiny = torch.finfo(eta.dtype).tiny  # |z| = 0 gives a finite (zero) model
+                radius = torch.sqrt(re.square() + im.square() + tiny)
+                factor = self.link(radius) / radius
+                model = torch.complex(factor * re, factor * im)
+        return model[:, 0] if model.shape[1] == 1 else model
 
     def _forward(self, eta: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         op = _OPERATOR.get()
@@ -105,13 +149,27 @@ class _DataFitGradient(Block):
             raise RuntimeError(
                 "NetworkLoop: no physics operator is bound (call through NetworkLoop)"
             )
-        model = self.link(eta[:, 0])
-        # the data and the model fix the shapes J and J^T must return, also for callables
+        batch, spatial = eta.shape[0], eta.shape[2:]
+        model = self.physical_model(eta)
+        # the data and the model fix the shapes J and J^H must return, also for callables
         residual = apply_operator(op, model, data_shape=d.shape[1:], data=d) - d
         grad = apply_adjoint(op, residual, model_shape=model.shape[1:])
-        grad = grad.reshape(eta.shape[0], 1, *eta.shape[2:]).to(eta.dtype)
-        normalized, _ = self.normalize._forward(grad)
-        zeros = normalized.new_zeros(eta.shape[0], self.n_memory - 1, *eta.shape[2:])
+        if self.complex_model:
+            if not grad.is_complex():
+                raise TypeError(
+                    f"NetworkLoop: the adjoint of {op.name} returned a real {grad.dtype} array "
+                    "for a complex model; build the operator with "
+                    "invops.operators.as_operator(J, real_model=False) (a raw J is adapted so "
+                    "automatically), or make its adjoint return the complex J^H r"
+                )
+            grad = grad.reshape(batch, self.n_model // 2, *spatial)
+            grad = torch.cat((grad.real, grad.imag), dim=1)
+        else:
+            if grad.is_complex():  # a complex operator on a real model: Re J^H r
+                grad = grad.real
+            grad = grad.reshape(batch, self.n_model, *spatial)
+        normalized, _ = self.normalize._forward(grad.to(eta.dtype))
+        zeros = normalized.new_zeros(batch, self.n_memory - self.n_model, *spatial)
         return torch.cat((normalized, zeros), dim=1)
 
 
@@ -119,12 +177,16 @@ class _BoundLoop(InvertibleModule):
     """The unrolled loop with one physics operator bound: an invertible map of ``cat(eta, s)``."""
 
     n_conditions = 1
+    # the operator may hold one map per sample (a list of masks, a batched callable pair), so the
+    # opt-in reconstruction check inverts the whole batch, not its first sample alone
+    reconstruction_whole_batch = True
 
     def __init__(self, loop: NetworkLoop, op: Operator) -> None:
         super().__init__(logdet=False)
         self.steps = loop.steps
         self.op = op
         self.n_in, self.ndim = loop.n_in, loop.ndim
+        self.n_model, self.complex_model = loop.n_model, loop.complex_model
 
     def _validate(self, x, cond, inverse):
         if x.ndim != self.ndim + 2:
@@ -133,14 +195,27 @@ class _BoundLoop(InvertibleModule):
                 f"({self.ndim}D models), got a packed state of shape {tuple(x.shape)}"
             )
         (d,) = cond
-        # both checks before the batch sizes: for a distributed operator they are collective
-        # and make the batch sizes agree across ranks, so every rank raises the same error
-        self.op.check_model(x[:, 0], name="eta (as a model for J)")
+        n_samples = getattr(self.op, "batch_size", None)
+        if n_samples is not None and n_samples != x.shape[0]:
+            raise ValueError(
+                f"NetworkLoop: J holds {n_samples} per-sample operators ({self.op.name}) but "
+                f"the batch has {x.shape[0]} models; give one operator per sample"
+            )
+        # the operator's model: k = n_model (real) or n_model / 2 (complex) channels, no
+        # channel axis when k == 1 (only the shape is checked: a view, no copy). Both checks
+        # come before the batch sizes: for a distributed operator they are collective and make
+        # the batch sizes agree across ranks, so every rank raises the same error
+        k = self.n_model // 2 if self.complex_model else self.n_model
+        self.op.check_model(x[:, 0] if k == 1 else x[:, :k], name="eta (as a model for J)")
         self.op.check_data(d, name="d")
         if d.shape[0] != x.shape[0]:
             raise ValueError(
                 f"NetworkLoop: d must have the models' batch size {x.shape[0]}, "
                 f"got {d.shape[0]} (shape {tuple(d.shape)})"
+            )
+        if self.complex_model and not d.is_complex():
+            raise TypeError(
+                f"d: a complex model (complex_model=True) needs complex data, got dtype {d.dtype}"
             )
 
     def _forward(self, x, *cond):
@@ -170,16 +245,17 @@ class NetworkLoop(NonlinearOperator):
     Parameters
     ----------
     n_in : int
-        Channels of the state: the model estimate :math:`\eta` (1 channel) and the memory
-        :math:`s` (``n_in - 1`` channels); ``n_in >= 2``.
+        Channels of the state: the model estimate :math:`\eta` (``n_model`` channels) and the
+        memory :math:`s` (``n_in - n_model`` channels); ``n_in >= 2 * n_model``.
     n_hidden : int
         Hidden channels of every coupling's conditioner.
     maxiter : int
         Number of unrolled iterations, each with its own weights.
-    link : str, callable or (callable, callable), optional
-        Link :math:`\psi` from the state to the physical model: ``"identity"`` (default),
-        ``"exp"``, ``"softplus"``, ``"sigmoid"``, a differentiable torch callable, or a pair
-        ``(psi, dpsi)``.
+    link : str, callable, (callable, callable) or list, optional
+        Link :math:`\psi` from the state to the physical model, applied channel-wise:
+        ``"identity"`` (default), ``"exp"``, ``"softplus"``, ``"sigmoid"``, a differentiable
+        torch callable, a pair ``(psi, dpsi)``, or a list of these, one per model channel
+        (``n_model`` of them; ``n_model / 2`` with ``complex_link="magnitude"``).
     type : {"additive", "hint"}
         Invertible step: :class:`~invops.CouplingLayerIRIM` or
         :class:`~invops.CouplingLayerHINT` (``permute="both"``).
@@ -188,6 +264,20 @@ class NetworkLoop(NonlinearOperator):
     subnet : factory, optional
         Conditioner factory ``(n_in, n_out) -> Block`` (see :mod:`invops.layers.subnets`),
         called once per coupling.
+    n_model : int
+        Real channels of the model estimate :math:`\eta` (several physical parameters, e.g.
+        velocity and density). The operator's model is ``(n_model, *spatial)``, or
+        ``(*spatial)`` when ``n_model == 1``.
+    complex_model : bool
+        The model is complex with ``k = n_model / 2`` channels, carried as ``2k`` real
+        channels, real parts first; the operator's model is complex ``(k, *spatial)``, or
+        ``(*spatial)`` when ``k == 1`` (e.g. ``pylops.medical.MRI2D``), and the data ``d`` are
+        complex.
+    complex_link : {"parts", "magnitude"}
+        For complex models: the link maps the real and imaginary parts separately
+        (``"parts"``, the default), or maps the magnitude and keeps the phase
+        (``"magnitude"``: :math:`\psi(|z|)\, z / |z|`, which is continuous at :math:`z = 0`
+        only if :math:`\psi(0) = 0`).
     **subnet_options
         ``k1, k2, p1, p2, s1, s2, activation`` of the default
         :class:`~invops.SubnetFactory` (defaults of InvertibleNetworks.jl, ``4, 3, 0, 1, 4,
@@ -204,6 +294,15 @@ class NetworkLoop(NonlinearOperator):
         s \leftarrow s + [\mathrm{AN}_j(g_j), 0, \dots, 0], \qquad
         (\eta, s) \leftarrow L_j(\eta, s).
 
+    :math:`g_j` has ``n_model`` channels and goes into the first ``n_model`` channels of
+    :math:`s` (``AN`` is a per-channel ActNorm). For a complex model,
+    :math:`\eta_c = \eta_{re} + i\,\eta_{im}` and
+    :math:`g_j = [\mathrm{Re}, \mathrm{Im}]\, J^H(J\psi(\eta_c) - d)`, the gradient of
+    :math:`\tfrac12\|J\psi(\eta_c) - d\|^2` with respect to the real and imaginary parts;
+    nothing else changes, so a complex loop *is* the real loop with ``n_model = 2k`` (the same
+    modules and ``state_dict``) and the real-stacked operator
+    :math:`[\mathrm{Re}\,J, -\mathrm{Im}\,J; \mathrm{Im}\,J, \mathrm{Re}\,J]`.
+
     The injection is an additive coupling of :math:`s` conditioned on :math:`\eta` (and
     :math:`d`), so every iteration, and the loop, is invertible in :math:`(\eta, s)` for fixed
     :math:`d` and :math:`J`. The reverse pass walks the iterations backwards, recomputing each
@@ -213,8 +312,12 @@ class NetworkLoop(NonlinearOperator):
 
     ``J`` is anything :func:`invops.operators.as_operator` accepts; it is bound for the call,
     so a deferred ``loss.backward()`` uses the operator of its own forward call. Complex
-    operators (e.g. ``pylops.medical.MRI2D``) take complex data ``d``; the gradient injected is
-    the real part of :math:`J^H r`.
+    operators (e.g. ``pylops.medical.MRI2D``) take complex data ``d``; for a real model the
+    gradient injected is the real part of :math:`J^H r`. ``J`` may also be a list of ``B``
+    operators, one per sample (a sampling mask per scan), or a batched operator
+    (:class:`invops.operators.BatchedOperator`, e.g. :class:`invops.physics.TorchMRI` with a
+    stack of masks): the loop stays one call on one batch, and per-sample operators that can
+    be stacked (MRI masks, coil maps, matrices) are applied in one batched call per iteration.
 
     ``jacobian`` returns the Jacobian of the packed map
     :math:`\mathrm{cat}(\eta, s) \mapsto \mathrm{cat}(\eta', s')` (channels: :math:`\eta` first).
@@ -234,6 +337,19 @@ class NetworkLoop(NonlinearOperator):
     >>> eta_out, s_out = loop(eta, s, d, op)
     >>> eta_out.shape
     torch.Size([2, 1, 8, 8])
+
+    A complex model (one channel, carried as real and imaginary parts) under one MRI mask per
+    scan:
+
+    >>> masks = [invops.physics.cartesian_mask((8, 8), 2, rng=i) for i in range(2)]
+    >>> J = [pylops.medical.MRI2D((8, 8), mask=m) for m in masks]
+    >>> loop = invops.NetworkLoop(4, 4, maxiter=2, n_model=2, complex_model=True).double()
+    >>> eta, s = torch.zeros(2, 2, 8, 8, dtype=torch.float64), torch.zeros(2, 2, 8, 8,
+    ...                                                                   dtype=torch.float64)
+    >>> d = torch.randn(2, 8, 8, dtype=torch.complex128)
+    >>> eta_out, s_out = loop(eta, s, d, J)
+    >>> eta_out.shape, s_out.shape
+    (torch.Size([2, 2, 8, 8]), torch.Size([2, 2, 8, 8]))
     """
 
     def __init__(
@@ -241,33 +357,57 @@ class NetworkLoop(NonlinearOperator):
         n_in: int,
         n_hidden: int,
         maxiter: int,
-        link: str | Callable | tuple[Callable, Callable] | None = None,
+        link: str | Callable | tuple[Callable, Callable] | list | None = None,
         type: str = "additive",
         ndim: int = 2,
         *,
         subnet: Subnet | None = None,
+        n_model: int = 1,
+        complex_model: bool = False,
+        complex_link: str = "parts",
         **subnet_options: Any,
     ) -> None:
         super().__init__()
-        if n_in < 2:
-            raise ValueError(f"NetworkLoop: n_in must be >= 2 (eta + memory), got {n_in}")
+        if isinstance(n_model, bool) or not isinstance(n_model, int) or n_model < 1:
+            raise ValueError(f"NetworkLoop: n_model must be an int >= 1, got {n_model!r}")
+        if complex_model and n_model % 2:
+            raise ValueError(
+                "NetworkLoop: a complex model of k channels is carried as 2k real channels, so "
+                f"complex_model=True needs an even n_model, got n_model={n_model}"
+            )
+        if n_in < 2 * n_model:
+            raise ValueError(
+                f"NetworkLoop: n_in must be >= 2 * n_model = {2 * n_model} (eta has n_model "
+                f"channels and the memory at least n_model, where the data-fit gradient is "
+                f"injected), got n_in={n_in} with n_model={n_model}"
+            )
         if maxiter < 1:
             raise ValueError(f"NetworkLoop: maxiter must be >= 1, got {maxiter}")
         if type not in ("additive", "hint"):
             raise ValueError(f"NetworkLoop: type must be 'additive' or 'hint', got {type!r}")
         if ndim not in (1, 2, 3):
             raise ValueError(f"NetworkLoop: ndim must be 1, 2 or 3, got {ndim}")
+        if complex_link not in ("parts", "magnitude"):
+            raise ValueError(
+                f"NetworkLoop: complex_link must be 'parts' or 'magnitude', got {complex_link!r}"
+            )
         self.n_in, self.maxiter, self.ndim, self.type = n_in, maxiter, ndim, type
-        psi = link_function(link)
+        self.n_model, self.complex_model = n_model, bool(complex_model)
+        self.complex_link = complex_link
+        magnitude = self.complex_model and complex_link == "magnitude"
+        psi = link_function(link, n_model // 2 if magnitude else n_model)
         factory = subnet_factory(subnet, "NetworkLoop", n_hidden, ndim, IRIM_CONV, subnet_options)
         steps: list[InvertibleModule] = []
         for _ in range(maxiter):
+            data_fit = _DataFitGradient(
+                n_in - n_model, psi, ndim, n_model, self.complex_model, complex_link
+            )
             steps.append(
                 Coupling(
                     n_in,
-                    _DataFitGradient(n_in - 1, psi, ndim),
+                    data_fit,
                     "additive",
-                    n_first=1,
+                    n_first=n_model,
                     fixed="first",
                     n_conditions=1,
                     ndim=ndim,
@@ -285,21 +425,42 @@ class NetworkLoop(NonlinearOperator):
         """The loop with ``J`` bound: an invertible module of ``cat(eta, s)`` with condition ``d``.
 
         It shares this network's parameters and has the whole operator contract
-        (``forward``, ``inverse``, ``backward``, ``vjp``, ``jvp``, ``jacobian``).
+        (``forward``, ``inverse``, ``backward``, ``vjp``, ``jvp``, ``jacobian``). A raw ``J``
+        is adapted with :func:`invops.operators.as_operator` (``real_model=False`` for a
+        complex model, so that the adjoint returns the complex :math:`J^H r`).
         """
-        return _BoundLoop(self, as_operator(J))
+        return _BoundLoop(self, as_operator(J, real_model=not self.complex_model))
+
+    def physical_model(self, eta: Any) -> Any:
+        r"""The model the operator sees for a state ``eta`` ``(B, n_model, *spatial)``.
+
+        :math:`\psi(\eta)` for a real model; the complex :math:`\psi(\eta_{re}) + i\,
+        \psi(\eta_{im})` (or the magnitude link) for a complex one. Shape ``(B, k, *spatial)``,
+        or ``(B, *spatial)`` when the operator's model has one channel. Same array kind out.
+        """
+        kind = array_kind(eta, "eta")
+        eta_t = _BoundLoop(self, None)._to_tensor(eta, "eta")  # dtype/device checks, no copy
+        if eta_t.ndim != self.ndim + 2 or eta_t.shape[1] != self.n_model:
+            raise ValueError(
+                f"NetworkLoop: eta must be (B, {self.n_model}, {', '.join('*' * self.ndim)}), "
+                f"got shape {tuple(eta_t.shape)}"
+            )
+        data_fit = self.steps.layers[0].subnet
+        return from_torch(data_fit.physical_model(eta_t), kind)
 
     def _pack(self, bound: InvertibleModule, eta: Any, s: Any, names=("eta", "s")):
         kind = array_kind(eta, names[0])
         eta_t = bound._to_tensor(eta, names[0])
         s_t = bound._to_tensor(s, names[1])
-        if eta_t.ndim < 2 or eta_t.shape[1] != 1:
+        n_model, n_memory = self.n_model, self.n_in - self.n_model
+        if eta_t.ndim < 2 or eta_t.shape[1] != n_model:
             raise ValueError(
-                f"NetworkLoop: {names[0]} must have 1 channel, got shape {tuple(eta_t.shape)}"
+                f"NetworkLoop: {names[0]} must have {n_model} channel"
+                f"{'s' if n_model > 1 else ''}, got shape {tuple(eta_t.shape)}"
             )
-        if s_t.ndim < 2 or s_t.shape[1] != self.n_in - 1 or s_t.shape[2:] != eta_t.shape[2:]:
+        if s_t.ndim < 2 or s_t.shape[1] != n_memory or s_t.shape[2:] != eta_t.shape[2:]:
             raise ValueError(
-                f"NetworkLoop: {names[1]} must have shape (B, {self.n_in - 1}, "
+                f"NetworkLoop: {names[1]} must have shape (B, {n_memory}, "
                 f"{', '.join(map(str, eta_t.shape[2:]))}), got {tuple(s_t.shape)}"
             )
         if s_t.shape[0] != eta_t.shape[0]:
@@ -314,9 +475,9 @@ class NetworkLoop(NonlinearOperator):
             )
         return kind, torch.cat((eta_t, s_t), dim=1)
 
-    @staticmethod
-    def _unpack(x: torch.Tensor, kind: str):
-        return from_torch(x[:, :1], kind), from_torch(x[:, 1:], kind)
+    def _unpack(self, x: torch.Tensor, kind: str):
+        n = self.n_model
+        return from_torch(x[:, :n], kind), from_torch(x[:, n:], kind)
 
     # ----------------------------------------------------------------- public API
     def forward(self, eta: Any, s: Any, d: Any, J: Any):
@@ -371,10 +532,11 @@ class NetworkLoop(NonlinearOperator):
         """Forward mode: ``eta_out, s_out, deta_out, ds_out``."""
         bound = self.bind(J)
         kind, x = self._pack(bound, eta, s)
+        n = self.n_model
         dx = None
         if deta is not None or ds is not None:
-            deta_t = torch.zeros_like(x[:, :1]) if deta is None else bound._to_tensor(deta, "deta")
-            ds_t = torch.zeros_like(x[:, 1:]) if ds is None else bound._to_tensor(ds, "ds")
+            deta_t = torch.zeros_like(x[:, :n]) if deta is None else bound._to_tensor(deta, "deta")
+            ds_t = torch.zeros_like(x[:, n:]) if ds is None else bound._to_tensor(ds, "ds")
             _, dx = self._pack(bound, deta_t, ds_t, names=("deta", "ds"))
         y, dy = bound.jvp(x, d, dx=dx, dtheta=dtheta, dcond=None if dd is None else (dd,))
         return (*self._unpack(y, kind), *self._unpack(dy, kind))
