@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
 
 import torch
 
@@ -222,6 +222,8 @@ class InvertibleModule(InvertibleOperator):
     # The math the hand-written tangent rule of a class differentiates: a subclass that
     # redefines one of these without a rule of its own falls back to dual tensors.
     _tangent_math: tuple[str, ...] = ("_forward", "_inverse")
+    # declared, not defined: the classes that have a rule define it (see tangent_rule_applies)
+    _tangent_rule: Callable[..., Any]
 
     def _tangent(
         self,
@@ -281,9 +283,9 @@ class InvertibleModule(InvertibleOperator):
     def _reference_tensor(self) -> torch.Tensor | None:
         for t in self.parameters():
             return t
-        for t in self.buffers():
-            if t.is_floating_point():
-                return t
+        for b in self.buffers():
+            if b.is_floating_point():
+                return b
         return None
 
     @property
@@ -560,7 +562,7 @@ class InvertibleModule(InvertibleOperator):
         y, dy, logdet, dlogdet = self._jvp(x, cond, dx_t, dcond_t, dtheta_map)
         sources = (x, *cond) if dx_t is None else (x, dx_t, *cond)
         y, dy = _unaliased(y, *sources), _unaliased(dy, *sources)
-        out = (from_torch(y, kind), from_torch(dy, kind))
+        out: tuple[Any, ...] = (from_torch(y, kind), from_torch(dy, kind))
         if self.logdet:
             out += (from_torch(logdet, kind), from_torch(dlogdet, kind))
         return out
@@ -689,10 +691,10 @@ class Chain(InvertibleModule):
         return len(self.layers)
 
     def __getitem__(self, i: int) -> InvertibleModule:
-        return self.layers[i]
+        return cast(InvertibleModule, self.layers[i])
 
     def __iter__(self) -> Iterator[InvertibleModule]:
-        return iter(self.layers)
+        return cast(Iterator[InvertibleModule], iter(self.layers))
 
     @staticmethod
     def _cond_for(m: InvertibleModule, cond: tuple) -> tuple:
@@ -921,6 +923,7 @@ class Block(NonlinearOperator):
 
     # the math a hand-written ``_tangent_rule`` differentiates (see InvertibleModule)
     _tangent_math: tuple[str, ...] = ("_forward",)
+    _tangent_rule: Callable[..., Any]  # declared, not defined (see InvertibleModule)
 
     def _tangent(
         self, x: torch.Tensor, cond: tuple, dx: Tangent, dcond: tuple, dtheta: dict

@@ -103,8 +103,8 @@ class CouplingLaw(torch.nn.Module):
         """Forward mode ``(y, dy, logdet, dlogdet)`` for tangents ``dx`` and ``dh`` (None: 0)."""
         dx = torch.zeros_like(x) if dx is None else dx
         dh = torch.zeros_like(h) if dh is None else dh
-        (y, logdet), (dy, dlogdet) = torch.func.jvp(self.forward, (x, h), (dx, dh))
-        return y, dy, logdet, dlogdet
+        primals, tangents = torch.func.jvp(self.forward, (x, h), (dx, dh))[:2]
+        return primals[0], tangents[0], primals[1], tangents[1]
 
     def tangent_inverse(
         self, y: torch.Tensor, h: torch.Tensor, dy: torch.Tensor | None, dh: torch.Tensor | None

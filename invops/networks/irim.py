@@ -255,7 +255,9 @@ class NetworkLoop(NonlinearOperator):
             raise ValueError(f"NetworkLoop: type must be 'additive' or 'hint', got {type!r}")
         if ndim not in (1, 2, 3):
             raise ValueError(f"NetworkLoop: ndim must be 1, 2 or 3, got {ndim}")
-        self.n_in, self.maxiter, self.ndim, self.type = n_in, maxiter, ndim, type
+        self.n_in, self.maxiter, self.ndim = n_in, maxiter, ndim
+        # shadows torch.nn.Module.type() (a dtype cast) on instances: kept for compatibility
+        self.type = type  # type: ignore[method-assign, assignment]
         psi = link_function(link)
         factory = subnet_factory(subnet, "NetworkLoop", n_hidden, ndim, IRIM_CONV, subnet_options)
         steps: list[InvertibleModule] = []
