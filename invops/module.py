@@ -477,7 +477,7 @@ class InvertibleModule(InvertibleOperator):
         return kind, inp, dinp, cond, dcond, grads
 
     # ------------------------------------------------------------------ public API
-    def forward(self, x: Any, *cond: Any):
+    def forward(self, x: Any, *cond: Any) -> Any:
         """Apply the map: ``y, logdet`` (``y`` alone when ``logdet=False``).
 
         Under torch grad mode with torch inputs, the call goes through a memory-free
@@ -485,11 +485,11 @@ class InvertibleModule(InvertibleOperator):
         """
         return self._apply_direction(x, cond, inverse=False)
 
-    def inverse(self, y: Any, *cond: Any):
+    def inverse(self, y: Any, *cond: Any) -> Any:
         """Invert the map: ``x, logdet_inv`` with ``logdet_inv = -logdet(x)``."""
         return self._apply_direction(y, cond, inverse=True)
 
-    def backward(self, dy: Any, y: Any, *cond: Any, dlogdet: Any = None):
+    def backward(self, dy: Any, y: Any, *cond: Any, dlogdet: Any = None) -> Any:
         """Reverse mode from the output ``y``, with no stored activations.
 
         Recomputes ``x`` by inversion, accumulates dL/dtheta into ``p.grad`` and returns
@@ -505,7 +505,7 @@ class InvertibleModule(InvertibleOperator):
         out = (from_torch(dx, kind), from_torch(x, kind))
         return out + (self._dcond_out(dcond, cond, kind),) if self.n_conditions else out
 
-    def backward_inverse(self, dx: Any, x: Any, *cond: Any, dlogdet: Any = None):
+    def backward_inverse(self, dx: Any, x: Any, *cond: Any, dlogdet: Any = None) -> Any:
         """Reverse mode of the inverse map from its output ``x``: returns ``dy, y`` (+ ``dcond``).
 
         ``dlogdet`` is the cotangent of the inverse's log-determinant.
@@ -515,7 +515,7 @@ class InvertibleModule(InvertibleOperator):
         out = (from_torch(dy, kind), from_torch(y, kind))
         return out + (self._dcond_out(dcond, cond, kind),) if self.n_conditions else out
 
-    def vjp(self, dy: Any, y: Any, *cond: Any, dlogdet: Any = None, at: str = "output"):
+    def vjp(self, dy: Any, y: Any, *cond: Any, dlogdet: Any = None, at: str = "output") -> Any:
         """Adjoint Jacobian: ``dx, dtheta, x`` (+ ``dcond``), without touching ``p.grad``.
 
         ``dtheta`` is a tuple ordered as ``parameters()``; frozen parameters
@@ -539,7 +539,7 @@ class InvertibleModule(InvertibleOperator):
         dx: Any = None,
         dtheta: Sequence | None = None,
         dcond: Sequence | None = None,
-    ):
+    ) -> Any:
         """Forward mode: ``y, dy, logdet, dlogdet`` (``y, dy`` when ``logdet=False``).
 
         ``dx`` perturbs the input, ``dtheta`` (a sequence ordered as ``parameters()``, entries
@@ -587,7 +587,7 @@ class InvertibleModule(InvertibleOperator):
             out[p] = d
         return out
 
-    def jacobian(self, x: Any, *cond: Any, wrt: str = "input"):
+    def jacobian(self, x: Any, *cond: Any, wrt: str = "input") -> Any:
         """The linearization at ``x`` as a :class:`invops.JacobianOperator`.
 
         ``wrt`` is ``"input"``, ``"params"`` (trainable parameters, flattened in
@@ -802,7 +802,9 @@ class Parallel(InvertibleModule):
     torch.Size([4, 3, 5])
     """
 
-    def __init__(self, *modules: InvertibleModule, sizes: Sequence[int], logdet: bool = True):
+    def __init__(
+        self, *modules: InvertibleModule, sizes: Sequence[int], logdet: bool = True
+    ) -> None:
         super().__init__(logdet=logdet)
         if len(modules) != len(sizes) or not modules:
             raise ValueError(
@@ -909,12 +911,12 @@ class Block(NonlinearOperator):
         dinputs = [torch.zeros_like(t) if d is None else d for d, t in zip(dinputs, (x, *cond))]
         return dinputs[0], tuple(dinputs[1:]), grads
 
-    def backward(self, dy: torch.Tensor, x: torch.Tensor, *cond: torch.Tensor):
+    def backward(self, dy: torch.Tensor, x: torch.Tensor, *cond: torch.Tensor) -> Any:
         dx, dcond, grads = self._vjp(dy, x, cond)
         accumulate_into_grad(grads)
         return (dx, *dcond) if cond else dx
 
-    def vjp(self, dy: torch.Tensor, x: torch.Tensor, *cond: torch.Tensor, at: str = "input"):
+    def vjp(self, dy: torch.Tensor, x: torch.Tensor, *cond: torch.Tensor, at: str = "input") -> Any:
         if at != "input":
             return NonlinearOperator.vjp(self, dy, x, *cond, at=at)  # raises: not invertible
         dx, dcond, grads = self._vjp(dy, x, cond)

@@ -351,7 +351,7 @@ class NonlinearOperator(torch.nn.Module):
             y = self._apply_t(x_t, cond_t)
         return from_torch(y, kind)
 
-    def jvp(self, x: Any, *cond: Any, dx: Any = None, dtheta: Sequence | None = None):
+    def jvp(self, x: Any, *cond: Any, dx: Any = None, dtheta: Sequence | None = None) -> Any:
         """Forward mode: ``y, dy`` with ``dy = J_x dx + J_theta dtheta``.
 
         ``dtheta`` is a sequence ordered as ``parameters()`` (entries may be None); frozen
@@ -368,7 +368,7 @@ class NonlinearOperator(torch.nn.Module):
             y, dy = self._jvp_t(x_t, cond_t, dx_t, tangents)
         return from_torch(y, kind), from_torch(dy, kind)
 
-    def vjp(self, dy: Any, x: Any, *cond: Any, at: str = "input"):
+    def vjp(self, dy: Any, x: Any, *cond: Any, at: str = "input") -> Any:
         """Reverse mode from the input ``x``: ``dx, dtheta`` (+ one ``dcond`` per condition;
         None for a condition that is not an array).
 
