@@ -3,12 +3,13 @@
 #               inversions) on synthetic earth models
 #   make test   installs invops with its test extras in .venv and runs the test suite
 #               (with the mpi extra and the mpich wheel, so the mpiexec tests run too)
+# Also: make lint (ruff, mypy), make docs (the site, to docs/_build/html), make dist (wheel, sdist)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: demo test lint install clean bench-deps bench
+.PHONY: demo test lint install clean bench-deps bench docs dist
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +40,19 @@ bench: bench-deps
 	$(BIN)/python benchmarks/segmentation_memory.py --threads 1
 
 lint: install
-	$(BIN)/ruff check invops tests examples $(wildcard benchmarks)
-	$(BIN)/ruff format --check invops tests examples $(wildcard benchmarks)
+	$(BIN)/ruff check invops tests examples $(wildcard benchmarks) docs/conf.py docs/gallery
+	$(BIN)/ruff format --check invops tests examples $(wildcard benchmarks) docs/conf.py docs/gallery
+	$(BIN)/mypy
+
+# the documentation site, warnings as errors; the gallery runs the examples at reduced size
+docs: install
+	$(PIP) install --quiet -c constraints.txt -e ".[docs]"
+	OMP_NUM_THREADS=1 $(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
+
+# wheel and sdist in dist/ (tests/test_packaging.py checks and installs the wheel)
+dist: install
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache docs/_build docs/api/generated docs/auto_examples

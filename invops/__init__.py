@@ -1,4 +1,73 @@
-"""invops: memory-efficient invertible networks as nonlinear operators for inverse problems."""
+"""invops: memory-efficient invertible networks as nonlinear operators for inverse problems.
+
+invops is a library of invertible neural networks and normalizing flows (Glow, HINT, RealNVP,
+neural spline flows, hyperbolic and RevNet networks, the invertible U-Net, the invertible
+recurrent inference machine i-RIM) written in torch as *nonlinear operators* in the PyLops
+sense. Every layer and network can be applied, inverted, differentiated in reverse mode without
+stored activations (a layer's input is recomputed from its output by inversion, so the memory of
+a training step does not grow with depth), differentiated in forward mode, and linearized into a
+``pylops.LinearOperator`` (its Jacobian) that passes dot-product tests and works in PyLops
+solvers. i-RIM networks call physics operators (PyLops, scipy, matrices, torch callables) inside
+every unrolled iteration. Inputs and outputs may be torch tensors, numpy arrays or cupy arrays;
+the layout is batch first, ``(B, C)``, ``(B, C, L)``, ``(B, C, H, W)`` or ``(B, C, D, H, W)``.
+
+The operator contract
+---------------------
+Every layer and network is an :class:`InvertibleModule` (a ``torch.nn.Module``):
+
+=============================================  ==============================================
+method                                         returns
+=============================================  ==============================================
+``forward(x, *cond)`` / ``module(x)``          ``y, logdet`` (``logdet`` per sample, ``(B,)``)
+``inverse(y, *cond)``                          ``x, logdet_inv`` with ``logdet_inv = -logdet``
+``backward(dy, y, *cond, dlogdet=None)``       ``dx, x``: reverse mode from the output,
+                                               accumulating ``p.grad``
+``backward_inverse(dx, x, *cond)``             ``dy, y``: reverse mode through the inverse
+``vjp(dy, y, *cond, dlogdet=None)``            ``dx, dtheta, x``: parameter cotangents returned
+``jvp(x, *cond, dx=None, dtheta=None)``        ``y, dy, logdet, dlogdet``: forward mode
+``jacobian(x, *cond, wrt="input")``            a ``pylops.LinearOperator`` (``"params"``,
+                                               ``"both"`` for the parameters)
+``reverse()``                                  the inverse map, sharing the parameters
+=============================================  ==============================================
+
+Under grad mode ``module(x)`` goes through a memory-free ``torch.autograd.Function``, so
+``loss.backward()`` and every ``torch.optim`` optimizer work unchanged;
+:func:`plain_autograd` runs the same math through ordinary autograd (the reference).
+
+Where to start
+--------------
+- Layers: :class:`ActNorm`, :class:`Conv1x1`, :class:`CouplingLayerGlow`,
+  :class:`CouplingLayerHINT`, :class:`CouplingLayerSpline`, ... composed with :class:`Chain`.
+- Networks: :class:`NetworkGlow`, :class:`NetworkMultiScaleHINT`,
+  :class:`NetworkConditionalGlow`, :class:`NetworkConditionalHINT`, :class:`NetworkLoop`
+  (i-RIM), :class:`NetworkUNet`, :class:`NetworkHyperbolic`, :class:`NetworkRevNet`.
+- Physics operators and their algebra: :func:`invops.operators.as_operator`,
+  :class:`NonlinearOperator`, :mod:`invops.solvers` (Gauss-Newton, L-BFGS).
+- Objectives and constraints: :func:`flow_nll`, :func:`gaussian_nll`, :class:`Intersection`.
+- Checking your own layers: :mod:`invops.testing` (``check_against_autograd``, ``dottest``,
+  ``gradient_test``, ``check_invertible``, ``check_logdet``).
+- Training at scale: :mod:`invops.distributed`, :mod:`invops.checkpoint`.
+
+The user guide, the API reference and the gallery of examples are in the repository's ``docs/``
+folder (``make docs`` builds them to ``docs/_build/html``).
+
+Examples
+--------
+>>> import torch, invops
+>>> flow = invops.Chain(invops.HaarSqueeze(), invops.ActNorm(4), invops.CouplingLayerGlow(4, 16))
+>>> x = torch.randn(8, 1, 16, 16)
+>>> y, logdet = flow(x)
+>>> y.shape, logdet.shape
+(torch.Size([8, 4, 8, 8]), torch.Size([8]))
+>>> x_rec, _ = flow.inverse(y)
+>>> bool(torch.allclose(x_rec, x, atol=1e-5))
+True
+>>> flow.jacobian(x[:1]).shape      # a pylops.LinearOperator on the flattened sample
+(256, 256)
+"""
+
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
 
 from . import (
     checkpoint,
@@ -103,7 +172,10 @@ from .objectives import (
 )
 from .squeeze import HaarSqueeze, Squeeze, cat, split
 
-__version__ = "0.1.0"
+try:
+    __version__ = _version("invops")
+except _PackageNotFoundError:  # a source checkout on PYTHONPATH, not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Box",

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -264,7 +265,7 @@ for _fn, _rule in (
     register_elementwise_tangent(_fn, _rule)
 
 
-def _module_rule(fn: object) -> Callable | None:
+def _module_rule(fn: Any) -> Callable | None:
     """The tangent rule of a stock torch activation module (exact types only)."""
     kind = type(fn)
     nn = torch.nn
@@ -361,10 +362,8 @@ def linear_tangent(
 ) -> tuple[torch.Tensor, Tangent]:
     r""":math:`y = A x + a` and :math:`dy = A\,dx + dA\,x + da` (one product for both terms)."""
     y = F.linear(x, weight, bias)
-    if dx is None and dweight is None:
-        dy = None
-    elif dweight is None:
-        dy = F.linear(dx, weight)
+    if dweight is None:
+        dy = None if dx is None else F.linear(dx, weight)
     elif dx is None:
         dy = F.linear(x, dweight)
     else:

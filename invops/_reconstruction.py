@@ -14,6 +14,8 @@ more than the tolerance, so can the recomputed input and the true one.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -107,17 +109,17 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / scale)
 
 
-def _leaves(module, path: str, n_conditions: int):
+def _leaves(module: Any, path: str, n_conditions: int) -> Iterator[tuple[str, Any, int]]:
     """``(path, layer, n_conditions)`` for the layers of nested Chains, in application order."""
     from .module import Chain
 
     if not isinstance(module, Chain):
         yield path, module, n_conditions
         return
-    for i, m in enumerate(module.layers):
-        yield from _leaves(
-            m, f"{path}.layers.{i}" if path else f"layers.{i}", min(m.n_conditions, n_conditions)
-        )
+    layers: Any = module.layers
+    for i, m in enumerate(layers):
+        n = min(m.n_conditions, n_conditions)
+        yield from _leaves(m, f"{path}.layers.{i}" if path else f"layers.{i}", n)
 
 
 def check(module, out: torch.Tensor, inp: torch.Tensor, cond: tuple, inverse: bool) -> None:

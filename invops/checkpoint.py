@@ -27,7 +27,7 @@ import random
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -49,7 +49,8 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _rng_states() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 - global state
+    state = np.random.get_state(legacy=True)  # noqa: NPY002 - global state
+    kind, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], state)
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
@@ -356,7 +357,9 @@ def load_checkpoint(
     if optimizer is not None:
         _check_optimizer_state(state["optimizer"], optimizer, name)
 
-    backups = [(target, {k: v.detach().clone() for k, v in target.state_dict().items()})]
+    backups: list[tuple[Any, dict[str, Any]]] = [
+        (target, {k: v.detach().clone() for k, v in target.state_dict().items()})
+    ]
     for obj in (optimizer, scheduler):
         if obj is not None:
             backups.append((obj, copy.deepcopy(obj.state_dict())))
@@ -424,7 +427,7 @@ def _check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer, name: s
             f"load_checkpoint: {name!r} has {len(saved_groups)} optimiser parameter group(s), "
             f"the optimiser {len(groups)}. Nothing was changed"
         )
-    params = {}
+    params: dict[Any, torch.Tensor] = {}
     for i, (group, saved_group) in enumerate(zip(groups, saved_groups)):
         if len(group["params"]) != len(saved_group["params"]):
             raise ValueError(

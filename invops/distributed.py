@@ -70,8 +70,9 @@ def all_reduce_gradients(
     if size == 1:
         return
     buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for p in params:
-        buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    grads_of = [p.grad for p in params if p.grad is not None]  # every one was filled above
+    for g in grads_of:
+        buckets.setdefault((g.device, g.dtype), []).append(g)
     for grads in buckets.values():
         flat = torch.cat([g.reshape(-1) for g in grads])
         distributed.all_reduce(flat, group=group)

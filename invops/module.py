@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
 
 import torch
 
@@ -222,6 +222,8 @@ class InvertibleModule(InvertibleOperator):
     # The math the hand-written tangent rule of a class differentiates: a subclass that
     # redefines one of these without a rule of its own falls back to dual tensors.
     _tangent_math: tuple[str, ...] = ("_forward", "_inverse")
+    # declared, not defined: the classes that have a rule define it (see tangent_rule_applies)
+    _tangent_rule: Callable[..., Any]
 
     def _tangent(
         self,
@@ -281,9 +283,9 @@ class InvertibleModule(InvertibleOperator):
     def _reference_tensor(self) -> torch.Tensor | None:
         for t in self.parameters():
             return t
-        for t in self.buffers():
-            if t.is_floating_point():
-                return t
+        for b in self.buffers():
+            if b.is_floating_point():
+                return b
         return None
 
     @property
@@ -477,7 +479,7 @@ class InvertibleModule(InvertibleOperator):
         return kind, inp, dinp, cond, dcond, grads
 
     # ------------------------------------------------------------------ public API
-    def forward(self, x: Any, *cond: Any):
+    def forward(self, x: Any, *cond: Any) -> Any:
         """Apply the map: ``y, logdet`` (``y`` alone when ``logdet=False``).
 
         Under torch grad mode with torch inputs, the call goes through a memory-free
@@ -485,11 +487,11 @@ class InvertibleModule(InvertibleOperator):
         """
         return self._apply_direction(x, cond, inverse=False)
 
-    def inverse(self, y: Any, *cond: Any):
+    def inverse(self, y: Any, *cond: Any) -> Any:
         """Invert the map: ``x, logdet_inv`` with ``logdet_inv = -logdet(x)``."""
         return self._apply_direction(y, cond, inverse=True)
 
-    def backward(self, dy: Any, y: Any, *cond: Any, dlogdet: Any = None):
+    def backward(self, dy: Any, y: Any, *cond: Any, dlogdet: Any = None) -> Any:
         """Reverse mode from the output ``y``, with no stored activations.
 
         Recomputes ``x`` by inversion, accumulates dL/dtheta into ``p.grad`` and returns
@@ -505,7 +507,7 @@ class InvertibleModule(InvertibleOperator):
         out = (from_torch(dx, kind), from_torch(x, kind))
         return out + (self._dcond_out(dcond, cond, kind),) if self.n_conditions else out
 
-    def backward_inverse(self, dx: Any, x: Any, *cond: Any, dlogdet: Any = None):
+    def backward_inverse(self, dx: Any, x: Any, *cond: Any, dlogdet: Any = None) -> Any:
         """Reverse mode of the inverse map from its output ``x``: returns ``dy, y`` (+ ``dcond``).
 
         ``dlogdet`` is the cotangent of the inverse's log-determinant.
@@ -515,7 +517,7 @@ class InvertibleModule(InvertibleOperator):
         out = (from_torch(dy, kind), from_torch(y, kind))
         return out + (self._dcond_out(dcond, cond, kind),) if self.n_conditions else out
 
-    def vjp(self, dy: Any, y: Any, *cond: Any, dlogdet: Any = None, at: str = "output"):
+    def vjp(self, dy: Any, y: Any, *cond: Any, dlogdet: Any = None, at: str = "output") -> Any:
         """Adjoint Jacobian: ``dx, dtheta, x`` (+ ``dcond``), without touching ``p.grad``.
 
         ``dtheta`` is a tuple ordered as ``parameters()``; frozen parameters
@@ -539,7 +541,7 @@ class InvertibleModule(InvertibleOperator):
         dx: Any = None,
         dtheta: Sequence | None = None,
         dcond: Sequence | None = None,
-    ):
+    ) -> Any:
         """Forward mode: ``y, dy, logdet, dlogdet`` (``y, dy`` when ``logdet=False``).
 
         ``dx`` perturbs the input, ``dtheta`` (a sequence ordered as ``parameters()``, entries
@@ -562,7 +564,7 @@ class InvertibleModule(InvertibleOperator):
         y, dy, logdet, dlogdet = self._jvp(x, cond, dx_t, dcond_t, dtheta_map)
         sources = (x, *cond) if dx_t is None else (x, dx_t, *cond)
         y, dy = _unaliased(y, *sources), _unaliased(dy, *sources)
-        out = (from_torch(y, kind), from_torch(dy, kind))
+        out: tuple[Any, ...] = (from_torch(y, kind), from_torch(dy, kind))
         if self.logdet:
             out += (from_torch(logdet, kind), from_torch(dlogdet, kind))
         return out
@@ -571,7 +573,7 @@ class InvertibleModule(InvertibleOperator):
         # the module's own conversion: a tangent of another dtype or device is refused
         return self._to_tensor(d, name)
 
-    def jacobian(self, x: Any, *cond: Any, wrt: str = "input"):
+    def jacobian(self, x: Any, *cond: Any, wrt: str = "input") -> Any:
         """The linearization at ``x`` as a :class:`invops.JacobianOperator`.
 
         ``wrt`` is ``"input"``, ``"params"`` (trainable parameters, flattened in
@@ -675,10 +677,10 @@ class Chain(InvertibleModule):
         return len(self.layers)
 
     def __getitem__(self, i: int) -> InvertibleModule:
-        return self.layers[i]
+        return cast(InvertibleModule, self.layers[i])
 
     def __iter__(self) -> Iterator[InvertibleModule]:
-        return iter(self.layers)
+        return cast(Iterator[InvertibleModule], iter(self.layers))
 
     @staticmethod
     def _cond_for(m: InvertibleModule, cond: tuple) -> tuple:
@@ -786,7 +788,9 @@ class Parallel(InvertibleModule):
     torch.Size([4, 3, 5])
     """
 
-    def __init__(self, *modules: InvertibleModule, sizes: Sequence[int], logdet: bool = True):
+    def __init__(
+        self, *modules: InvertibleModule, sizes: Sequence[int], logdet: bool = True
+    ) -> None:
         super().__init__(logdet=logdet)
         if len(modules) != len(sizes) or not modules:
             raise ValueError(
@@ -893,12 +897,12 @@ class Block(NonlinearOperator):
         dinputs = [torch.zeros_like(t) if d is None else d for d, t in zip(dinputs, (x, *cond))]
         return dinputs[0], tuple(dinputs[1:]), grads
 
-    def backward(self, dy: torch.Tensor, x: torch.Tensor, *cond: torch.Tensor):
+    def backward(self, dy: torch.Tensor, x: torch.Tensor, *cond: torch.Tensor) -> Any:
         dx, dcond, grads = self._vjp(dy, x, cond)
         accumulate_into_grad(grads)
         return (dx, *dcond) if cond else dx
 
-    def vjp(self, dy: torch.Tensor, x: torch.Tensor, *cond: torch.Tensor, at: str = "input"):
+    def vjp(self, dy: torch.Tensor, x: torch.Tensor, *cond: torch.Tensor, at: str = "input") -> Any:
         if at != "input":
             return NonlinearOperator.vjp(self, dy, x, *cond, at=at)  # raises: not invertible
         dx, dcond, grads = self._vjp(dy, x, cond)
@@ -907,6 +911,7 @@ class Block(NonlinearOperator):
 
     # the math a hand-written ``_tangent_rule`` differentiates (see InvertibleModule)
     _tangent_math: tuple[str, ...] = ("_forward",)
+    _tangent_rule: Callable[..., Any]  # declared, not defined (see InvertibleModule)
 
     def _tangent(
         self, x: torch.Tensor, cond: tuple, dx: Tangent, dcond: tuple, dtheta: dict

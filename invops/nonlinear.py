@@ -59,7 +59,7 @@ import contextlib
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pylops
@@ -262,8 +262,8 @@ class NonlinearOperator(torch.nn.Module):
             y = self._forward(x_, *cond_)
             _check_cotangent(dy, y, _describe(self))
             inputs = [x_, *[c for c in cond_ if c.requires_grad], *params]
-            grads = torch.autograd.grad(y, inputs, dy, allow_unused=True) if y.requires_grad else ()
-        grads = list(grads) + [None] * (len(inputs) - len(grads))
+            found = torch.autograd.grad(y, inputs, dy, allow_unused=True) if y.requires_grad else ()
+        grads: list[torch.Tensor | None] = [*found, *[None] * (len(inputs) - len(found))]
         dx = grads[0] if grads[0] is not None else torch.zeros_like(x)
         if dx.is_complex() and not x.is_complex():
             dx = dx.real
@@ -355,7 +355,7 @@ class NonlinearOperator(torch.nn.Module):
             y = self._apply_t(x_t, cond_t)
         return from_torch(y, kind)
 
-    def jvp(self, x: Any, *cond: Any, dx: Any = None, dtheta: Sequence | None = None):
+    def jvp(self, x: Any, *cond: Any, dx: Any = None, dtheta: Sequence | None = None) -> Any:
         """Forward mode: ``y, dy`` with ``dy = J_x dx + J_theta dtheta``.
 
         ``dtheta`` is a sequence ordered as ``parameters()`` (entries may be None); frozen
@@ -372,7 +372,7 @@ class NonlinearOperator(torch.nn.Module):
             y, dy = self._jvp_t(x_t, cond_t, dx_t, tangents)
         return from_torch(y, kind), from_torch(dy, kind)
 
-    def vjp(self, dy: Any, x: Any, *cond: Any, at: str = "input"):
+    def vjp(self, dy: Any, x: Any, *cond: Any, at: str = "input") -> Any:
         """Reverse mode from the input ``x``: ``dx, dtheta`` (+ one ``dcond`` per condition;
         None for a condition that is not an array).
 
@@ -750,7 +750,8 @@ class _Composite(NonlinearOperator):
                 )
         self.ops = torch.nn.ModuleList(ops)
         counts = [n_conditions(op) for op in ops]
-        self.n_conditions = None if None in counts else max(counts, default=0)
+        known = [c for c in counts if c is not None]
+        self.n_conditions = None if len(known) < len(counts) else max(known, default=0)
         self.is_complex = any(op.is_complex for op in ops)
 
     def extra_repr(self) -> str:
@@ -763,7 +764,7 @@ class _Composite(NonlinearOperator):
         try:
             return fn()
         except (ValueError, TypeError) as exc:
-            if source is None:
+            if source is None or h is None:
                 raise
             raise type(exc)(
                 f"{type(self).__name__}: {source} gives {tuple(h.shape)} ({h.dtype}), which "
@@ -1068,9 +1069,9 @@ class Scaled(_Composite):
     def __init__(self, scale: float, op: NonlinearOperator) -> None:
         scale = _scalar(scale, "*")
         if isinstance(op, Scaled):
-            scale, op = scale * op.scale, op.ops[0]
+            scale, op = scale * op.scale, op.op
         super().__init__([op], "Scaled")
-        self.scale = scale
+        self.scale: float = scale
         self.model_shape, self.data_shape = op.model_shape, op.data_shape
 
     def extra_repr(self) -> str:
@@ -1078,7 +1079,7 @@ class Scaled(_Composite):
 
     @property
     def op(self) -> NonlinearOperator:
-        return self.ops[0]
+        return cast(NonlinearOperator, self.ops[0])
 
     def _apply_t(self, x, cond):
         return self.scale * self.op._apply_t(x, _cond_for(self.op, cond))
@@ -1127,7 +1128,7 @@ class VStack(_Composite):
         super().__init__(ops, "vstack")
         self.model_shape = _same_shapes("vstack", ops, "model_shape")
         if all(op.data_shape is not None for op in ops):
-            self.data_shape = (sum(math.prod(op.data_shape) for op in ops),)
+            self.data_shape = (sum(math.prod(op.data_shape or ()) for op in ops),)
 
     def _validate_input(self, x, cond):
         pass  # every part checks the input
@@ -1189,7 +1190,7 @@ class BlockDiag(_Composite):
             raise ValueError("blockdiag: expected at least one operator, got none")
         super().__init__(ops, "blockdiag")
         if model_shapes is None:
-            model_shapes = [op.model_shape for op in ops]
+            model_shapes = cast(Sequence[Sequence[int]], [op.model_shape for op in ops])
         elif len(model_shapes) != len(ops):
             raise ValueError(
                 f"blockdiag: expected one model shape per operator ({len(ops)}), "
@@ -1210,7 +1211,7 @@ class BlockDiag(_Composite):
         self.sizes = [math.prod(s) for s in self.shapes]
         self.model_shape = (sum(self.sizes),)
         if all(op.data_shape is not None for op in ops):
-            self.data_shape = (sum(math.prod(op.data_shape) for op in ops),)
+            self.data_shape = (sum(math.prod(op.data_shape or ()) for op in ops),)
 
     def _validate_input(self, x, cond):
         if x.ndim < 1 or x[0].numel() != sum(self.sizes):

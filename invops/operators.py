@@ -66,6 +66,7 @@ class Operator(NonlinearOperator):
         name: str,
     ) -> None:
         super().__init__()
+        self._adjoint: Callable[[torch.Tensor], torch.Tensor]  # set below, not a sub-module
         # plain attributes: callables that are torch modules must not become sub-modules (their
         # parameters are not the operator's)
         object.__setattr__(self, "_forward", forward)
@@ -257,7 +258,7 @@ def apply_adjoint(
 
 # -------------------------------------------------------------------- adapters
 def _batched_matmat(
-    matmat: Callable[[Any], Any],
+    matmat: tuple[Callable[[Any], Any], Callable[[Any], Any]],
     model_shape: tuple[int, ...],
     data_shape: tuple[int, ...],
     real_model: bool,

@@ -499,7 +499,7 @@ def _gauss_newton(problem, niter, damp, solver, inner_iter, callback, tol, inner
 
 
 def _info(history, inner_counts, k, converged, diverged, message) -> dict:
-    info = {
+    info: dict[str, Any] = {
         key: torch.stack(rows).cpu().numpy()
         if rows
         else np.zeros((0, converged.numel()), dtype=bool if key == "accepted" else float)

@@ -106,27 +106,26 @@ def gradient_test(
     >>> round(r1)
     2
     """
-    single = isinstance(x, torch.Tensor)
-    xs = [x] if single else list(x)
-    gs = [grad] if single else list(grad)
-    if direction is None:
-        ds = [torch.randn_like(t) for t in xs]
-    else:
-        ds = [direction] if single else list(direction)
+
+    def as_list(t: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [t] if isinstance(t, torch.Tensor) else list(t)
+
+    xs, gs = as_list(x), as_list(grad)
+    ds = [torch.randn_like(t) for t in xs] if direction is None else as_list(direction)
     with torch.no_grad():
         f0 = float(fun(*xs))
         slope_dir = sum(float((g * d).sum()) for g, d in zip(gs, ds))
         xnorm = math.sqrt(sum(float((t**2).sum()) for t in xs)) or 1.0
         dnorm = math.sqrt(sum(float((d**2).sum()) for d in ds)) or 1.0
         scale = (h0 if h0 is not None else 1e-1) * xnorm / dnorm
-        hs, e0, e1 = [], [], []
+        steps, errors0, errors1 = [], [], []
         for k in range(n_steps):
             h = scale * 2.0**-k
             fh = float(fun(*[t + h * d for t, d in zip(xs, ds)]))
-            hs.append(h)
-            e0.append(abs(fh - f0))
-            e1.append(abs(fh - f0 - h * slope_dir))
-    hs, e0, e1 = map(np.asarray, (hs, e0, e1))
+            steps.append(h)
+            errors0.append(abs(fh - f0))
+            errors1.append(abs(fh - f0 - h * slope_dir))
+    hs, e0, e1 = np.asarray(steps), np.asarray(errors0), np.asarray(errors1)
     eps = torch.finfo(xs[0].dtype).eps
     floor = 1e3 * eps * max(abs(f0), 1.0)
     usable = e1 > floor
@@ -299,7 +298,7 @@ def check_against_autograd(
         with torch.enable_grad():
             o, ld = _plain_outputs(module, inp_r, cond_r, inverse)
             loss = (o * dout).sum() + ((ld * dld).sum() if dld is not None else 0.0)
-            ref = torch.autograd.grad(loss, [inp_r, *cond_r, *params], allow_unused=True)
+            ref = list(torch.autograd.grad(loss, [inp_r, *cond_r, *params], allow_unused=True))
         ref = [
             torch.zeros_like(t) if g is None else g for g, t in zip(ref, [inp_r, *cond_r, *params])
         ]
@@ -341,7 +340,9 @@ def check_against_autograd(
                 res_b = module(inp_b, *cond_b)
                 o_b, ld_b = res_b if module.logdet else (res_b, None)
                 loss_b = (o_b * dout).sum() + ((ld_b * dld).sum() if dld is not None else 0.0)
-                got = torch.autograd.grad(loss_b, [inp_b, *cond_b, *params], allow_unused=True)
+                got = list(
+                    torch.autograd.grad(loss_b, [inp_b, *cond_b, *params], allow_unused=True)
+                )
             got = [
                 torch.zeros_like(t) if g is None else g
                 for g, t in zip(got, [inp_b, *cond_b, *params])
@@ -377,7 +378,7 @@ def check_against_autograd(
 
     dy = rand_like(y_point)
     inv = module._jvp(y_point, tuple(cond), dy, tuple(dcond), dict(zip(params, tangents)), True)
-    for tag, fn, point, direction, got in (
+    for tag, fn, point, direction, outputs in (
         ("jvp", f, x, dx, res),
         ("jvp_inverse", f_inverse, y_point, dy, inv),
     ):
@@ -385,12 +386,12 @@ def check_against_autograd(
         tangents_all = (direction, tuple(dcond), tuple(tangents))
         ref = _forward_ad_oracle(fn, primals, tangents_all, jvp_oracle)
         (y_ref, ld_ref), (dy_ref, dld_ref) = ref
-        errors[f"{tag}:output"] = _rel(got[0], y_ref)
-        errors[f"{tag}:tangent"] = _rel(got[1], dy_ref)
+        errors[f"{tag}:output"] = _rel(outputs[0], y_ref)
+        errors[f"{tag}:tangent"] = _rel(outputs[1], dy_ref)
         limits[f"{tag}:tangent"] = jvp_rtol
         if module.logdet:
             ld_scale = max(float(dld_ref.abs().max()), float(dy_ref.abs().max()), 1e-300)
-            errors[f"{tag}:dlogdet"] = float((got[3] - dld_ref).abs().max()) / ld_scale
+            errors[f"{tag}:dlogdet"] = float((outputs[3] - dld_ref).abs().max()) / ld_scale
             limits[f"{tag}:dlogdet"] = jvp_rtol
 
     bad = {k: v for k, v in errors.items() if not v <= limits.get(k, rtol)}

@@ -82,6 +82,8 @@ class ActNorm(InvertibleModule):
     True
     """
 
+    initialized: torch.Tensor
+
     def __init__(self, n_channels: int, logdet: bool = True) -> None:
         super().__init__(logdet=logdet)
         if n_channels < 1:
@@ -113,7 +115,7 @@ class ActNorm(InvertibleModule):
             f"ActNorm({self.n_channels}): {what}; the layer initialises its scale and bias from "
             f"its first batch (shape {tuple(data.shape)}) and was left uninitialised"
         )
-        err.invops_layer = self  # lets the calling network name the layer by its path
+        err.invops_layer = self  # type: ignore[attr-defined]  # the network names it by path
         return err
 
     @torch.no_grad()

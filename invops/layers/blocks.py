@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -175,6 +176,7 @@ class ResidualBlock(Block):
             else None
         )
         self._check_inner(x2, inner)
+        assert inner is not None  # _check_inner raised otherwise
         return self.activation(x2 + inner)
 
     def _output(self, x3: torch.Tensor, size: torch.Size) -> torch.Tensor:
@@ -291,7 +293,7 @@ class ConditionalResidualBlock(ResidualBlock):
             f"got {tuple(c.shape)}"
         )
 
-    def _forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def _forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.n_in, self.ndim, "ConditionalResidualBlock")
         image = self._condition_image(x, c)
         extra = _CONV[self.ndim](image, self.W0, stride=self.s1, padding=self.p1)
@@ -388,9 +390,10 @@ class MLPBlock(Block):
             torch.nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:])
         )
         if zero_init:
+            last = cast(torch.nn.Linear, self.layers[-1])
             with torch.no_grad():
-                self.layers[-1].weight.zero_()
-                self.layers[-1].bias.zero_()
+                last.weight.zero_()
+                last.bias.zero_()
         self.n_in, self.activation = n_in, activation
 
     def _forward(self, x: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:

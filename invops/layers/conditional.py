@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from ..module import Chain, InvertibleModule
 from .conv1x1 import Conv1x1
@@ -99,6 +99,8 @@ class ConditionLane:
     """``forward_y`` / ``inverse_y`` for modules whose condition has its own invertible lane,
     available as ``self.y_lane``."""
 
+    y_lane: InvertibleModule
+
     def forward_y(self, y: Any):
         """Apply the condition lane: ``z_y, logdet_y``."""
         return self.y_lane(y)
@@ -180,10 +182,10 @@ class ConditionalLayerHINT(ConditionLane, Chain):
         factory = require_factory(
             subnet_factory(subnet, owner, n_hidden, ndim, RESIDUAL_CONV, subnet_options), owner
         )
-        hint = dict(ndim=ndim, law=law, scale=scale, subnet=factory)
-        x_lane = [Conv1x1(n_in)] if permute else []
+        hint: dict[str, Any] = dict(ndim=ndim, law=law, scale=scale, subnet=factory)
+        x_lane: list[InvertibleModule] = [Conv1x1(n_in)] if permute else []
         x_lane.append(CouplingLayerHINT(n_in, **hint))
-        y_lane = [Conv1x1(n_cond)] if permute else []
+        y_lane: list[InvertibleModule] = [Conv1x1(n_cond)] if permute else []
         y_lane.append(CouplingLayerHINT(n_cond, **hint))
         self_y_lane = Chain(*y_lane)
         coupling = Coupling(
@@ -203,7 +205,7 @@ class ConditionalLayerHINT(ConditionLane, Chain):
     @property
     def y_lane(self) -> InvertibleModule:
         """The condition lane :math:`y \\mapsto z_y` as an invertible module."""
-        return self.layers[-1].cond_transform
+        return cast(InvertibleModule, self.layers[-1].cond_transform)
 
     def _validate(self, x, cond, inverse):
         self.layers[-1]._validate(x, cond, inverse)

@@ -60,6 +60,9 @@ class Conv1x1LU(InvertibleModule):
     True
     """
 
+    perm: torch.Tensor
+    sign_s: torch.Tensor
+
     def __init__(self, n_channels: int, logdet: bool = True) -> None:
         super().__init__(logdet=logdet)
         if isinstance(n_channels, bool) or not isinstance(n_channels, int) or n_channels < 1:

@@ -168,6 +168,7 @@ class Coupling(InvertibleModule):
     def _merge(self, fixed: torch.Tensor | None, changed: torch.Tensor) -> torch.Tensor:
         if self.fixed == "none":
             return changed
+        assert fixed is not None  # only fixed="none" has no fixed group
         parts = (fixed, changed) if self.fixed == "first" else (changed, fixed)
         return torch.cat(parts, dim=1)
 
@@ -247,7 +248,7 @@ class Coupling(InvertibleModule):
         d_changed_in, d_fixed_extra, *dcond = dinputs
         if d_changed_in is None:
             d_changed_in = torch.zeros_like(changed_in)
-        if fixed is not None and d_fixed_extra is not None:
+        if d_fixed is not None and d_fixed_extra is not None:
             d_fixed = d_fixed + d_fixed_extra
         inp = self._merge(fixed, changed_in)
         dinp = self._merge(d_fixed, d_changed_in)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from ..module import Chain
 from .conv1x1 import Conv1x1
@@ -89,11 +89,11 @@ class CouplingLayerGlow(Chain):
 
     @property
     def conv(self) -> Conv1x1:
-        return self.layers[0]
+        return cast(Conv1x1, self.layers[0])
 
     @property
     def coupling(self) -> Coupling:
-        return self.layers[1]
+        return cast(Coupling, self.layers[1])
 
     def _validate(self, x, cond, inverse):
         self.coupling._validate(x, cond, inverse)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..module import Chain, Identity, Parallel
+from ..module import Chain, Identity, InvertibleModule, Parallel
 from .conv1x1 import Conv1x1
 from .coupling import Coupling
 from .laws import CouplingLaw, coupling_law
@@ -89,7 +89,7 @@ class CouplingLayerHINT(Chain):
         if permute not in _PERMUTE:
             raise ValueError(f"{owner}: permute must be one of {_PERMUTE}, got {permute!r}")
         factory = subnet_factory(subnet, owner, n_hidden, ndim, RESIDUAL_CONV, subnet_options)
-        self_kwargs = dict(
+        self_kwargs: dict[str, Any] = dict(
             ndim=ndim,
             law=law,
             scale=scale,
@@ -106,7 +106,7 @@ class CouplingLayerHINT(Chain):
             ndim=ndim,
             owner=owner,
         )
-        layers = [coupling]
+        layers: list[InvertibleModule] = [coupling]
         if n_in > recursion_threshold:
             layers.append(
                 Parallel(

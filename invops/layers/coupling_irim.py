@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from ..module import Chain
 from .conv1x1 import Conv1x1
@@ -78,7 +78,7 @@ class CouplingLayerIRIM(Chain):
 
     @property
     def coupling(self) -> Coupling:
-        return self.layers[1]
+        return cast(Coupling, self.layers[1])
 
     def _validate(self, x, cond, inverse):
         self.coupling._validate(x, cond, inverse)

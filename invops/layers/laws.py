@@ -99,16 +99,16 @@ class CouplingLaw(torch.nn.Module):
 
     def tangent(
         self, x: torch.Tensor, h: torch.Tensor, dx: torch.Tensor | None, dh: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """Forward mode ``(y, dy, logdet, dlogdet)`` for tangents ``dx`` and ``dh`` (None: 0)."""
         dx = torch.zeros_like(x) if dx is None else dx
         dh = torch.zeros_like(h) if dh is None else dh
-        (y, logdet), (dy, dlogdet) = torch.func.jvp(self.forward, (x, h), (dx, dh))
-        return y, dy, logdet, dlogdet
+        primals, tangents = torch.func.jvp(self.forward, (x, h), (dx, dh))[:2]
+        return primals[0], tangents[0], primals[1], tangents[1]
 
     def tangent_inverse(
         self, y: torch.Tensor, h: torch.Tensor, dy: torch.Tensor | None, dh: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         r"""Forward mode of the inverse: ``(x, dx, logdet_inv, dlogdet_inv)`` (None: 0).
 
         The default uses :meth:`tangent` at :math:`x = \tau^{-1}(y; h)`: the law is
@@ -118,10 +118,15 @@ class CouplingLaw(torch.nn.Module):
         x, logdet_inv = self.inverse(y, h)
         _, slope, _, _ = self.tangent(x, h, torch.ones_like(x), None)
         _, shift, _, _ = self.tangent(x, h, None, dh)
-        dx = (torch.zeros_like(y) if dy is None else dy) - shift
-        dx = dx / slope
+        if slope is None:
+            raise ValueError(
+                f"{type(self).__name__}.tangent returned no tangent for dx = 1: a coupling law "
+                "must depend on x"
+            )
+        dx = torch.zeros_like(y) if dy is None else dy
+        dx = (dx if shift is None else dx - shift) / slope  # None: a zero tangent
         _, _, _, dlogdet = self.tangent(x, h, dx, dh)
-        return x, dx, logdet_inv, -dlogdet
+        return x, dx, logdet_inv, None if dlogdet is None else -dlogdet
 
     def check(self, h: torch.Tensor, n: int, owner: str) -> None:
         """Raise ``ValueError`` unless ``h`` has ``n_params * n`` channels."""
@@ -170,11 +175,11 @@ class Affine(CouplingLaw):
         s, log_s = bounded_scale(a, self.low, self.high)
         return s, log_s, t
 
-    def forward(self, x, h):
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s, log_s, t = self._coefficients(h)
         return s * x + t, per_sample(log_s)
 
-    def inverse(self, y, h):
+    def inverse(self, y: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s, log_s, t = self._coefficients(h)
         return (y - t) / s, -per_sample(log_s)
 
@@ -182,7 +187,9 @@ class Affine(CouplingLaw):
         # d log S / da = (S - l)(h - S) / ((h - l) S): the sigmoid's derivative, divided by S
         return (s - self.low) * (self.high - s) / ((self.high - self.low) * s) * da
 
-    def tangent(self, x, h, dx, dh):
+    def tangent(
+        self, x: torch.Tensor, h: torch.Tensor, dx: torch.Tensor | None, dh: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         s, log_s, t = self._coefficients(h)
         y = s * x + t
         if dh is None:
@@ -193,7 +200,9 @@ class Affine(CouplingLaw):
         inner = dlog_s.mul_(x) if dx is None else dlog_s.mul_(x).add_(dx)
         return y, inner.mul_(s).add_(dt), per_sample(log_s), dlogdet
 
-    def tangent_inverse(self, y, h, dy, dh):
+    def tangent_inverse(
+        self, y: torch.Tensor, h: torch.Tensor, dy: torch.Tensor | None, dh: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         s, log_s, t = self._coefficients(h)
         x = (y - t) / s
         if dh is None:
@@ -210,16 +219,20 @@ class Additive(CouplingLaw):
 
     n_params = 1
 
-    def forward(self, x, h):
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x + h, x.new_zeros(x.shape[0])
 
-    def inverse(self, y, h):
+    def inverse(self, y: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return y - h, y.new_zeros(y.shape[0])
 
-    def tangent(self, x, h, dx, dh):
+    def tangent(
+        self, x: torch.Tensor, h: torch.Tensor, dx: torch.Tensor | None, dh: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         return x + h, _plus(dx, dh), x.new_zeros(x.shape[0]), None
 
-    def tangent_inverse(self, y, h, dy, dh):
+    def tangent_inverse(
+        self, y: torch.Tensor, h: torch.Tensor, dy: torch.Tensor | None, dh: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         return y - h, _minus(dy, dh), y.new_zeros(y.shape[0]), None
 
 
@@ -232,16 +245,20 @@ class Negate(CouplingLaw):
 
     n_params = 1
 
-    def forward(self, x, h):
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return h - x, x.new_zeros(x.shape[0])
 
-    def inverse(self, y, h):
+    def inverse(self, y: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return h - y, y.new_zeros(y.shape[0])
 
-    def tangent(self, x, h, dx, dh):
+    def tangent(
+        self, x: torch.Tensor, h: torch.Tensor, dx: torch.Tensor | None, dh: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         return h - x, _minus(dh, dx), x.new_zeros(x.shape[0]), None
 
-    def tangent_inverse(self, y, h, dy, dh):
+    def tangent_inverse(
+        self, y: torch.Tensor, h: torch.Tensor, dy: torch.Tensor | None, dh: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         return h - y, _minus(dh, dy), y.new_zeros(y.shape[0]), None
 
 

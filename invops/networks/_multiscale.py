@@ -14,7 +14,7 @@ input checks and ``extra_repr``; :class:`MultiscaleFlow` the one-lane networks' 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -260,7 +260,7 @@ class MultiscaleFlow(ScaleSkeleton, Chain):
             owner=owner,
             needs=needs,
         )
-        super().__init__(*top.layers, logdet=logdet)
+        super().__init__(*cast(Chain, top).layers, logdet=logdet)
         self._record(n_in, L, K, ndim, squeeze, split_scales, sample_shape)
 
     def sample(self, n: int, shape: Sequence[int] | None = None) -> torch.Tensor:

@@ -91,6 +91,7 @@ class NetworkConditionalGlow(MultiscaleFlow):
         cond_norm = ActNorm(n_cond)
 
         def step(c: int, level: int, subnet: Subnet) -> list[InvertibleModule]:
+            transform: InvertibleModule
             if dense_condition:
                 transform, channels = cond_norm, n_cond
             else:

@@ -39,12 +39,13 @@ def conditional_hint_steps(
 ) -> tuple[list[InvertibleModule], list[InvertibleModule]]:
     """``count`` conditional HINT steps: input-lane chains (ending in a coupling conditioned on
     the condition lane) and condition-lane chains, on ``cx`` and ``cy`` channels."""
-    hint = dict(ndim=ndim, law=law, subnet=subnet)
+    hint: dict[str, Any] = dict(ndim=ndim, law=law, subnet=subnet)
 
     def lane(c: int) -> list[InvertibleModule]:
         return [ActNorm(c), *([Conv1x1(c)] if permute else []), CouplingLayerHINT(c, **hint)]
 
-    x_steps, y_steps = [], []
+    x_steps: list[InvertibleModule] = []
+    y_steps: list[InvertibleModule] = []
     for _ in range(count):
         y_steps.append(Chain(*lane(cy)))
         couple = Coupling(
@@ -239,6 +240,7 @@ class TwoLaneNetwork(ScaleSkeleton, ConditionLane, InvertibleModule):
     both lanes squeezed (``squeeze``, none for dense data) and split alike.
     """
 
+    top: TwoLane
     n_conditions = 1
     _names = {False: "x", True: "zx"}
 
@@ -266,17 +268,17 @@ class TwoLaneNetwork(ScaleSkeleton, ConditionLane, InvertibleModule):
             subnet_factory(subnet, owner, n_hidden, ndim, RESIDUAL_CONV, subnet_options), owner
         )
         squeeze = squeeze if ndim > 0 else None
-        self.top = build_scales(
+        self.top = build_scales(  # type: ignore[assignment]  # assemble builds a TwoLane
             (n_in, n_cond),
             L,
             ndim,
             squeeze,
             split_scales,
             steps=lambda chs, i: conditional_hint_steps(
-                *chs, K, ndim, factory, law, permute, owner
+                chs[0], chs[1], K, ndim, factory, law, permute, owner
             ),
             assemble=lambda made, deeper, chs: TwoLane(
-                *made, deeper, squeeze, split_scales, logdet
+                made[0], made[1], deeper, squeeze, split_scales, logdet
             ),
             owner=owner,
             needs="HINT needs",

@@ -391,7 +391,9 @@ class NetworkLoop(NonlinearOperator):
             raise ValueError(
                 f"NetworkLoop: complex_link must be 'parts' or 'magnitude', got {complex_link!r}"
             )
-        self.n_in, self.maxiter, self.ndim, self.type = n_in, maxiter, ndim, type
+        self.n_in, self.maxiter, self.ndim = n_in, maxiter, ndim
+        # shadows torch.nn.Module.type() (a dtype cast) on instances: kept for compatibility
+        self.type = type  # type: ignore[method-assign, assignment]
         self.n_model, self.complex_model = n_model, bool(complex_model)
         self.complex_link = complex_link
         magnitude = self.complex_model and complex_link == "magnitude"
