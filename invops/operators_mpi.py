@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 import socket
 import weakref
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -265,6 +266,7 @@ class MPIOperator(Operator):
         from pylops_mpi import Partition
 
         self._ensure_layout(x)
+        assert self.data_shape is not None and self.local_sizes is not None  # set by the layout
         n_model = int(self.J.shape[1])
         # tangents and cotangents reach J here without check_model: they must be replicated too
         got = math.prod(x.shape[1:])
@@ -284,6 +286,7 @@ class MPIOperator(Operator):
     def _apply_jh(self, y: torch.Tensor) -> torch.Tensor:
         self._ensure_layout(y)
         layout = self._layout
+        assert layout is not None and self.model_shape is not None  # set by the layout
         n_local = layout.local_sizes[self.rank]
         got = math.prod(y.shape[1:])
         error = None
@@ -412,8 +415,8 @@ def _probe(J: Any, engine: str) -> _Layout:
 
 def mpi_operator(
     J: Any,
-    model_shape: tuple[int, ...] | None = None,
-    data_shape: tuple[int, ...] | None = None,
+    model_shape: Sequence[int] | None = None,
+    data_shape: Sequence[int] | None = None,
     real_model: bool = True,
     batched: bool = True,
 ) -> MPIOperator:

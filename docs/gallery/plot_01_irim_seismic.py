@@ -1,15 +1,16 @@
 """
-i-RIM against LSQR on a seismic-style PyLops operator
-=====================================================
+i-RIM against tuned PyLops post-stack inversions
+================================================
 
-Synthetic earth models (layered media with curved, dipping interfaces and blobs) are observed
-through a band-limited convolution (a Ricker wavelet in depth times a Gaussian laterally,
-``pylops.signalprocessing.Convolve2D``) with 2% noise. An i-RIM (:class:`invops.NetworkLoop`)
-that calls the PyLops operator and its adjoint inside every unrolled iteration is trained with
-memory-free backpropagation and compared on held-out models with PyLops' damped LSQR on the same
-operator. At full size (32x32 models, 4 iterations, 1500 training steps, about two minutes on 2
-CPU cores) the README reports 21.4 dB PSNR for the i-RIM against 9.8 dB for LSQR: the data lack
-the model's low and high frequencies, which the i-RIM learns from the training models.
+Synthetic 128 x 128 sections of log acoustic impedance (folded and faulted layers with thin
+beds, a salt diapir or a sand channel, small high-contrast anomalies) are observed through
+``pylops.avo.poststack.PoststackLinearModelling`` (a 20 Hz Ricker wavelet) with 10% noise. An
+i-RIM (:class:`invops.NetworkLoop` with U-Net conditioners) that calls the PyLops operator and
+its adjoint inside every unrolled iteration is trained with memory-free backpropagation and
+compared on held-out sections with ``PoststackInversion`` and a total-variation
+(``SplitBregman``) inversion, both tuned on training sections. At full size the README reports
+PSNR 35.6 dB for the i-RIM, 35.9 dB for TV and 33.0 dB for ``PoststackInversion``: the i-RIM
+does not beat the tuned TV inversion there. This page runs the script at a tiny size.
 """
 
 # %%
@@ -27,7 +28,10 @@ try:
 except NameError:  # run interactively from docs/gallery
     ROOT = Path.cwd().resolve().parents[1]
 out = Path(tempfile.mkdtemp()) / "irim_seismic.png"
-args = "--size 16 --steps 10 --train 32 --test 4 --hidden 8 --iterations 2".split()
+args = (
+    "--size 32 --crop 32 --train 6 --test 2 --tune 1 --steps 3 --batch 2 --iterations 2 "
+    "--hidden 4 --memory 1 --lsqr-iter 5 --tv-iter 2"
+).split()
 sys.argv = ["irim_seismic.py", *args, "--out", str(out)]
 runpy.run_path(str(ROOT / "examples" / "irim_seismic.py"), run_name="__main__")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -441,13 +441,15 @@ class NetworkLoop(NonlinearOperator):
         or ``(B, *spatial)`` when the operator's model has one channel. Same array kind out.
         """
         kind = array_kind(eta, "eta")
-        eta_t = _BoundLoop(self, None)._to_tensor(eta, "eta")  # dtype/device checks, no copy
+        eta_t = _BoundLoop(self, None)._to_tensor(  # type: ignore[arg-type]  # no operator needed
+            eta, "eta"
+        )  # dtype/device checks, no copy
         if eta_t.ndim != self.ndim + 2 or eta_t.shape[1] != self.n_model:
             raise ValueError(
                 f"NetworkLoop: eta must be (B, {self.n_model}, {', '.join('*' * self.ndim)}), "
                 f"got shape {tuple(eta_t.shape)}"
             )
-        data_fit = self.steps.layers[0].subnet
+        data_fit = cast(_DataFitGradient, self.steps.layers[0].subnet)
         return from_torch(data_fit.physical_model(eta_t), kind)
 
     def _pack(self, bound: InvertibleModule, eta: Any, s: Any, names=("eta", "s")):

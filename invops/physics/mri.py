@@ -410,18 +410,22 @@ def _as_tensor(a: Any, name: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- batching rules
-def _stack(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
-    if all(t is None for t in tensors):
+def _stack(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """One stacked tensor at the promoted dtype, or None when every entry is None (callers
+    check that the entries are all tensors or all None)."""
+    present = [t for t in tensors if t is not None]
+    if not present:
         return None
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
+    dtype = present[0].dtype
+    for t in present[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
-    return torch.stack([t.to(dtype) for t in tensors])
+    return torch.stack([t.to(dtype) for t in present])
 
 
 @register_batching_rule
 def _stack_mri(raw: list, ops: list, real_model: bool) -> BatchedOperator | None:
     """Per-sample MRI operators as ONE :class:`TorchMRI` with stacked masks (and coils)."""
+    coils: list[torch.Tensor | None]
     if all(isinstance(J, MultiCoilMRI2D) for J in raw):
         masks = [_as_tensor(J.mask, "mask") for J in raw]
         coils = [_as_tensor(J.coils, "coils") for J in raw]
@@ -441,7 +445,7 @@ def _stack_mri(raw: list, ops: list, real_model: bool) -> BatchedOperator | None
     else:
         return None
     if any(m.shape != masks[0].shape for m in masks) or any(
-        c is not None and c.shape != coils[0].shape for c in coils
+        c is not None and (coils[0] is None or c.shape != coils[0].shape) for c in coils
     ):
         return None
     op = TorchMRI(_stack(masks), _stack(coils), real_model=real_model)
