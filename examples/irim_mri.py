@@ -53,7 +53,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
 import math
-import multiprocessing
+import sys
 import time
 from pathlib import Path
 
@@ -69,6 +69,10 @@ from tqdm import tqdm
 
 import invops
 from invops.physics import MultiCoilMRI2D, TorchMRI, cartesian_mask, coil_sensitivities
+
+# the helpers these examples share live beside them (the examples folder is not a package)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _imaging_training import cosine_lr, in_background, ssim_torch  # noqa: E402
 
 # modified Shepp-Logan (Toft): intensity, semi-axes (a, b), centre (x0, y0), angle in degrees
 SHEPP_LOGAN = np.array(
@@ -264,30 +268,6 @@ def reconstruct(net, coils, masks, data, device, dtype, operators=None):
     return eta
 
 
-def ssim_torch(
-    estimate: torch.Tensor, truth: torch.Tensor, data_range: torch.Tensor
-) -> torch.Tensor:
-    """Differentiable SSIM per image of ``(B, H, W)`` magnitudes, as scikit-image computes it.
-
-    7x7 uniform windows, K1 = 0.01, K2 = 0.03, sample covariances, averaged over the windows
-    that fit inside the image (scikit-image crops the same border).
-    """
-    x, y = estimate[:, None], truth[:, None]
-    win, n = 7, 49
-
-    def mean(t):
-        return F.avg_pool2d(t, win, stride=1)
-
-    ux, uy = mean(x), mean(y)
-    norm = n / (n - 1)
-    vx, vy = norm * (mean(x * x) - ux * ux), norm * (mean(y * y) - uy * uy)
-    vxy = norm * (mean(x * y) - ux * uy)
-    c1 = (0.01 * data_range).reshape(-1, 1, 1, 1) ** 2
-    c2 = (0.03 * data_range).reshape(-1, 1, 1, 1) ** 2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s.mean(dim=(1, 2, 3))
-
-
 def magnitude(channels: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(channels[:, 0] ** 2 + channels[:, 1] ** 2 + 1e-12)
 
@@ -341,42 +321,6 @@ def run_baselines(tune_truth, tune_scans, test_scans, cg_max, tv_weights, tv_out
             "TV": np.stack([tv_solve(*s, chosen[r]["tv_weight"], outer=tv_outer) for s in scans]),
         }
     return chosen, recon, lines, time.perf_counter() - start
-
-
-def in_background(fn, *args):
-    """Start ``fn(*args)`` in a forked process; return a function that waits for its result.
-
-    Forking (not spawning) hands the child the arrays without pickling and lets it call
-    functions of a script that is not an importable module.
-    """
-    ctx = multiprocessing.get_context("fork")
-    receiver, sender = ctx.Pipe(duplex=False)
-
-    def target():
-        try:
-            sender.send(("ok", fn(*args)))
-        except BaseException as err:  # the parent re-raises it
-            sender.send(("error", f"{type(err).__name__}: {err}"))
-        sender.close()
-
-    process = ctx.Process(target=target, daemon=True)
-    process.start()
-    sender.close()  # the child holds the only sending end: its death ends recv()
-
-    def result():
-        status, value = receiver.recv()
-        process.join()
-        if status != "ok":
-            raise RuntimeError(f"the baselines' process failed: {value}")
-        return value
-
-    return result
-
-
-def cosine_lr(base: float, progress: float, warmup: float = 0.05) -> float:
-    """Linear warm-up over the first ``warmup`` of training, then cosine decay to zero."""
-    ramp = min(1.0, progress / warmup) if warmup else 1.0
-    return base * ramp * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def train_irim(net, train_phantoms, args, device, dtype):
