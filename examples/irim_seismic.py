@@ -38,8 +38,8 @@ quarter resolution and skip connections back up, a receptive field of about 70 s
 close to that of one full-resolution block (most of its work is at quarter resolution), so each
 of the ``--iterations`` updates sees a whole 48 x 48 training crop and most of a section.
 
-Run: ``python examples/irim_seismic.py`` or ``make demo`` (about three minutes of CPU time on
-one core; more wall time on a busy machine).
+Run: ``python examples/irim_seismic.py`` or ``make demo`` (two minutes on 2 idle CPU cores; more
+wall time on a busy machine).
 Options: ``--physics``, ``--noise``, ``--steps``, ``--iterations``, ``--hidden``, ``--test``,
 ``--device cuda`` (the operator then runs as a torch callable pair on the GPU, the same
 physics), ``--out`` for the figure.
