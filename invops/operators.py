@@ -424,6 +424,21 @@ def _check_sizes(shape, ms, ds, name):
         )
 
 
+def _following(matrix: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``on(t)``: ``matrix`` on ``t``'s device and precision, cached per device and dtype (a
+    complex matrix stays complex, a real one turns complex for complex tensors)."""
+    cache: dict = {}
+
+    def on(t: torch.Tensor) -> torch.Tensor:
+        target = _operand_dtype(matrix, t)
+        key = (t.device, target)
+        if key not in cache:
+            cache[key] = matrix.to(device=t.device, dtype=target)
+        return cache[key]
+
+    return on
+
+
 def _matrix_operator(A, ms, ds, real_model) -> Operator:
     if A.ndim != 2:
         raise ValueError(f"J: a matrix must be 2-dimensional, got shape {tuple(A.shape)}")
@@ -431,16 +446,7 @@ def _matrix_operator(A, ms, ds, real_model) -> Operator:
     ms = ms or (A_t.shape[1],)
     ds = ds or (A_t.shape[0],)
     _check_sizes(tuple(A_t.shape), ms, ds, "matrix")
-    cache: dict = {}
-
-    def on(t: torch.Tensor) -> torch.Tensor:
-        # the matrix follows the tensors' device and precision (a complex matrix stays complex,
-        # a real one turns complex for complex models)
-        target = _operand_dtype(A_t, t)
-        key = (t.device, target)
-        if key not in cache:
-            cache[key] = A_t.to(device=t.device, dtype=target)
-        return cache[key]
+    on = _following(A_t)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         M = on(x)
@@ -669,14 +675,7 @@ def _stack_matrices(raw: list, ops: list, real_model: bool) -> BatchedOperator |
     dtype = functools.reduce(torch.promote_types, (M.dtype for M in mats))
     stack = torch.stack([M.to(dtype) for M in mats])
     ms, ds = ops[0].model_shape, ops[0].data_shape
-    cache: dict = {}
-
-    def on(t: torch.Tensor) -> torch.Tensor:
-        target = _operand_dtype(stack, t)
-        key = (t.device, target)
-        if key not in cache:
-            cache[key] = stack.to(device=t.device, dtype=target)
-        return cache[key]
+    on = _following(stack)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         M = on(x)
