@@ -66,14 +66,11 @@ class DualCounter:
             assert used == n, f"forward AD entered {used} times, expected {n}"
 
 
-# The i-RIM loop keeps the dual-tensor fallback until its data-fit gradient has a rule (its
-# block calls the physics operator, a rule being added with the i-RIM rewrite); every other
-# built-in module must not use dual tensors.
-EXEMPT = {"NetworkLoop"}
+# No built-in module, the i-RIM loop included (its data-fit gradient has a rule that applies the
+# physics operator and its adjoint to the tangent), uses dual tensors.
 NO_DUAL_CASES = [
     pytest.param(name, i, id=f"{name}-{i}")
     for name, cases in REGISTRY.items()
-    if name not in EXEMPT
     for i in range(len(cases))
 ]
 

@@ -143,16 +143,20 @@ class _DataFitGradient(Block):
                 model = torch.complex(factor * re, factor * im)
         return model[:, 0] if model.shape[1] == 1 else model
 
-    def _forward(self, eta: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    def _operator(self) -> Operator:
         op = _OPERATOR.get()
         if op is None:
             raise RuntimeError(
                 "NetworkLoop: no physics operator is bound (call through NetworkLoop)"
             )
+        return op
+
+    def _adjoint_channels(
+        self, op: Operator, residual: torch.Tensor, model: torch.Tensor, eta: torch.Tensor
+    ) -> torch.Tensor:
+        """``J^H residual`` as ``n_model`` real channels shaped like ``eta`` (linear in
+        ``residual``, so the tangent goes through it too)."""
         batch, spatial = eta.shape[0], eta.shape[2:]
-        model = self.physical_model(eta)
-        # the data and the model fix the shapes J and J^H must return, also for callables
-        residual = apply_operator(op, model, data_shape=d.shape[1:], data=d) - d
         grad = apply_adjoint(op, residual, model_shape=model.shape[1:])
         if self.complex_model:
             if not grad.is_complex():
@@ -168,9 +172,70 @@ class _DataFitGradient(Block):
             if grad.is_complex():  # a complex operator on a real model: Re J^H r
                 grad = grad.real
             grad = grad.reshape(batch, self.n_model, *spatial)
-        normalized, _ = self.normalize._forward(grad.to(eta.dtype))
-        zeros = normalized.new_zeros(batch, self.n_memory - self.n_model, *spatial)
+        return grad.to(eta.dtype)
+
+    def _with_memory(self, normalized: torch.Tensor) -> torch.Tensor:
+        zeros = normalized.new_zeros(
+            normalized.shape[0], self.n_memory - self.n_model, *normalized.shape[2:]
+        )
         return torch.cat((normalized, zeros), dim=1)
+
+    def _forward(self, eta: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        op = self._operator()
+        model = self.physical_model(eta)
+        # the data and the model fix the shapes J and J^H must return, also for callables
+        residual = apply_operator(op, model, data_shape=d.shape[1:], data=d) - d
+        normalized, _ = self.normalize._forward(self._adjoint_channels(op, residual, model, eta))
+        return self._with_memory(normalized)
+
+    # -- forward mode, by hand: one extra pair of operator calls on the tangent
+    def _link_slope(self, x: torch.Tensor) -> torch.Tensor:
+        """``psi'(x)`` element by element (the link is applied element-wise, per channel)."""
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_()
+            (slope,) = torch.autograd.grad(self.link(xr).sum(), xr)
+        return slope
+
+    def _model_tangent(self, eta: torch.Tensor, deta: torch.Tensor) -> torch.Tensor:
+        """The tangent of :meth:`physical_model` at ``eta`` in the direction ``deta``."""
+        if not self.complex_model:
+            dmodel = self._link_slope(eta) * deta
+        else:
+            k = self.n_model // 2
+            re, im, dre, dim = eta[:, :k], eta[:, k:], deta[:, :k], deta[:, k:]
+            if self.complex_link == "parts":
+                parts = self._link_slope(eta) * deta
+                dmodel = torch.complex(parts[:, :k], parts[:, k:])
+            else:  # factor(r) = psi(r) / r scales (re, im); r the magnitude
+                tiny = torch.finfo(eta.dtype).tiny
+                radius = torch.sqrt(re.square() + im.square() + tiny)
+                dradius = (re * dre + im * dim) / radius
+                factor = self.link(radius) / radius
+                dfactor = (self._link_slope(radius) - factor) * dradius / radius
+                dmodel = torch.complex(dfactor * re + factor * dre, dfactor * im + factor * dim)
+        return dmodel[:, 0] if dmodel.shape[1] == 1 else dmodel
+
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta):
+        r"""With :math:`r = J\psi(\eta) - d`: :math:`dr = J(\psi'(\eta)\,d\eta) - dd` and
+        :math:`dg = J^H dr`, then ActNorm's tangent."""
+        (d,), (dd,) = cond, dcond
+        op = self._operator()
+        model = self.physical_model(x)
+        residual = apply_operator(op, model, data_shape=d.shape[1:], data=d) - d
+        grad = self._adjoint_channels(op, residual, model, x)
+        dgrad = None
+        if dx is not None or dd is not None:
+            if dx is not None:
+                dmodel = self._model_tangent(x, dx)
+                dresidual = apply_operator(op, dmodel, data_shape=d.shape[1:], data=d)
+                if dd is not None:
+                    dresidual = dresidual - dd
+            else:
+                dresidual = -dd
+            dgrad = self._adjoint_channels(op, dresidual, model, x)
+        normalized, dnormalized, _, _ = self.normalize._tangent_rule(grad, (), dgrad, (), dtheta)
+        out = self._with_memory(normalized)
+        return out, None if dnormalized is None else self._with_memory(dnormalized)
 
 
 class _BoundLoop(InvertibleModule):
@@ -237,6 +302,11 @@ class _BoundLoop(InvertibleModule):
     def _jvp(self, *args, **kwargs):
         with _bound(self.op):
             return super()._jvp(*args, **kwargs)
+
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta, inverse=False):
+        # the steps' own rules, the data-fit gradient's included, with the operator bound
+        with _bound(self.op):
+            return self.steps._tangent(x, cond, dx, dcond, dtheta, inverse)
 
 
 class NetworkLoop(NonlinearOperator):
