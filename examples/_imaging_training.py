@@ -12,7 +12,7 @@ import multiprocessing
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cosine_lr", "in_background", "ssim_torch"]
+__all__ = ["add_run_options", "cosine_lr", "in_background", "ssim_torch"]
 
 
 def ssim_torch(
@@ -73,3 +73,20 @@ def in_background(fn, *args):
         return value
 
     return result
+
+
+def add_run_options(parser, name: str) -> None:
+    """The options both examples share: loss, threads, scheduling, device, seed, sizes, output."""
+    parser.add_argument("--loss", choices=["ssim+l1", "ssim+mse", "mse"], default="ssim+l1")
+    # one intra-op thread: on our shared two-core machine, two torch threads competing with other
+    # processes made a training step 7x slower (OpenMP threads waiting on each other); the
+    # second core runs the baselines meanwhile (see --sequential)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--sequential", action="store_true", help="run the baselines after training, not beside"
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--out", default=f"examples/output/{name}.png")

@@ -64,7 +64,12 @@ from invops.physics import TorchCT, ct_angles, ct_matrix, ct_operator
 
 # the helpers these examples share live beside them (the examples folder is not a package)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _imaging_training import cosine_lr, in_background, ssim_torch  # noqa: E402
+from _imaging_training import (  # noqa: E402
+    add_run_options,
+    cosine_lr,
+    in_background,
+    ssim_torch,
+)
 
 
 # ----------------------------------------------------------------------------- phantoms
@@ -272,18 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
         # ActNorm is initialised on the first batch's gradient, which is tiny at CGLS's point
         help="CGLS iterations of the i-RIM's start (default 0: scaled back-projection)",
     )
-    parser.add_argument("--loss", choices=["ssim+l1", "ssim+mse", "mse"], default="ssim+l1")
-    # one intra-op thread: on our shared two-core machine, two torch threads competing with other
-    # processes made a training step several times slower; the second core runs the baselines
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--sequential", action="store_true", help="run the baselines after training, not beside"
-    )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
-    parser.add_argument("--quiet", action="store_true")
-    parser.add_argument("--out", default="examples/output/irim_ct.png")
+    add_run_options(parser, "irim_ct")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.views, args.train, args.test, args.tune = 32, 10, 32, 4, 2

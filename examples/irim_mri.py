@@ -72,7 +72,12 @@ from invops.physics import MultiCoilMRI2D, TorchMRI, cartesian_mask, coil_sensit
 
 # the helpers these examples share live beside them (the examples folder is not a package)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _imaging_training import cosine_lr, in_background, ssim_torch  # noqa: E402
+from _imaging_training import (  # noqa: E402
+    add_run_options,
+    cosine_lr,
+    in_background,
+    ssim_torch,
+)
 
 # modified Shepp-Logan (Toft): intensity, semi-axes (a, b), centre (x0, y0), angle in degrees
 SHEPP_LOGAN = np.array(
@@ -376,19 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hidden", type=int, default=16)
     parser.add_argument("--memory", type=int, default=4, help="memory channels of the i-RIM")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--loss", choices=["ssim+l1", "ssim+mse", "mse"], default="ssim+l1")
-    # one intra-op thread: on our shared two-core machine, two torch threads competing with other
-    # processes made a training step 7x slower (OpenMP threads waiting on each other); the
-    # second core runs the baselines meanwhile (see --sequential)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--sequential", action="store_true", help="run the baselines after training, not beside"
-    )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
-    parser.add_argument("--quiet", action="store_true")
-    parser.add_argument("--out", default="examples/output/irim_mri.png")
+    add_run_options(parser, "irim_mri")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.coils, args.train, args.test, args.tune = 32, 4, 16, 4, 2
