@@ -9,6 +9,7 @@ through ``matmat``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -306,6 +307,9 @@ def as_operator(
     model_shape: Sequence[int] | None = None,
     data_shape: Sequence[int] | None = None,
     real_model: bool = True,
+    *,
+    is_complex: bool | None = None,
+    ndim: int | None = None,
 ) -> Operator:
     """Adapt a linear operator for use inside networks.
 
@@ -322,6 +326,9 @@ def as_operator(
           with torch on the tensors' device;
         - a pair ``(forward, adjoint)`` of torch callables applied to whole batches
           ``(B, *model_shape)`` and ``(B, *data_shape)``;
+        - a *physics object*: anything with methods ``A`` and ``A_adjoint`` on batches with a
+          channel axis, ``(B, C, *spatial)`` (deepinv's ``LinearPhysics``, duck-typed: invops
+          does not import deepinv); see Notes;
         - a list (or a tuple that is not a callable pair) of ``B`` of the above, one operator
           per sample of a batch of exactly ``B`` (a different sampling mask per scan, say): see
           :func:`per_sample`;
@@ -338,6 +345,16 @@ def as_operator(
     real_model : bool
         Models are real: the adjoint of a complex operator returns the real part of
         :math:`J^H y`.
+    is_complex : bool, optional
+        For callables and physics objects: the operator returns complex data, so the data it is
+        compared with must be complex (checked before any call, as for complex matrices and
+        PyLops operators, which know it themselves). Default: False for callables; for a
+        physics object that is a ``torch.nn.Module``, whether it holds a complex tensor.
+    ndim : int, optional
+        For physics objects: spatial dimensions of a model. Models then come without a
+        channel axis when they have one channel, ``(B, *spatial)``, the layout
+        :class:`~invops.NetworkLoop` uses; the adapter adds the physics' channel axis before
+        ``A`` and drops it after ``A_adjoint``. Without ``ndim``, models are passed as they are.
 
     Returns
     -------
@@ -355,6 +372,12 @@ def as_operator(
     apply sample ``i``'s map to row ``i`` (a :class:`BatchedOperator` with ``batch_size = B``,
     or a ``(forward, adjoint)`` pair of torch callables that do so themselves).
 
+    A **physics object** is applied as it is to whole batches. When it is a ``torch.nn.Module``
+    whose floating-point buffers (a blur filter, a mask) differ from the batch in precision or
+    device, a copy cast to the batch's precision and device is used (one per precision and
+    device, made once); its own tensors are never changed. Any other object must return what
+    it is given in the batch's precision, else a ``TypeError`` names it.
+
     Examples
     --------
     >>> import numpy as np, pylops, torch
@@ -371,7 +394,7 @@ def as_operator(
 
         return mpi_operator(J, model_shape, data_shape, real_model)
     if isinstance(J, (list, tuple)) and not _is_callable_pair(J):
-        return per_sample(J, model_shape, data_shape, real_model)
+        return per_sample(J, model_shape, data_shape, real_model, is_complex=is_complex, ndim=ndim)
     ms = None if model_shape is None else tuple(int(n) for n in model_shape)
     ds = None if data_shape is None else tuple(int(n) for n in data_shape)
 
@@ -399,13 +422,84 @@ def as_operator(
 
     if isinstance(J, tuple) and len(J) == 2 and all(callable(f) for f in J):
         forward, adjoint = J
-        return Operator(forward, adjoint, ms, ds, False, "callables")
+        return Operator(forward, adjoint, ms, ds, bool(is_complex), "callables")
+
+    if _is_physics(J):
+        return _physics_operator(J, ms, ds, real_model, is_complex, ndim)
 
     raise TypeError(
         "J: expected a pylops.LinearOperator, a scipy LinearOperator or sparse matrix, a dense "
-        "numpy/torch matrix, a (forward, adjoint) pair of callables, or a pylops-mpi "
-        f"MPILinearOperator; got {type(J).__name__}"
+        "numpy/torch matrix, a (forward, adjoint) pair of callables, an object with methods A "
+        f"and A_adjoint (a physics), or a pylops-mpi MPILinearOperator; got {type(J).__name__}"
     )
+
+
+def _is_physics(J: Any) -> bool:
+    return callable(getattr(J, "A", None)) and callable(getattr(J, "A_adjoint", None))
+
+
+def _physics_operator(physics, ms, ds, real_model, is_complex, ndim) -> Operator:
+    """``A`` / ``A_adjoint`` of a physics object on batches, channel axis and precision handled."""
+    name = type(physics).__name__
+    module = physics if isinstance(physics, torch.nn.Module) else None
+    if is_complex is None:
+        tensors = [] if module is None else [*module.parameters(), *module.buffers()]
+        is_complex = any(t.is_complex() for t in tensors)
+    copies: dict = {}
+
+    def matched(like: torch.Tensor):
+        """The physics with its floating-point tensors at ``like``'s precision and device."""
+        if module is None:
+            return physics
+        real = torch.float32 if like.dtype in (torch.float32, torch.complex64) else torch.float64
+        key = (like.device, real)
+        if key not in copies:
+            floats = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+            complexes = [t for t in (*module.parameters(), *module.buffers()) if t.is_complex()]
+            if all(t.dtype == real and t.device == like.device for t in floats) and all(
+                t.dtype == real.to_complex() and t.device == like.device for t in complexes
+            ):
+                copies[key] = physics  # already there: no copy
+            else:
+                # detached copies at the batch's precision (complex tensors stay complex)
+                def cast(t: torch.Tensor) -> torch.Tensor:
+                    if t.is_complex():
+                        return t.detach().to(like.device, real.to_complex())
+                    if t.is_floating_point():
+                        return t.detach().to(like.device, real)
+                    return t.to(like.device)
+
+                copies[key] = copy.deepcopy(module)._apply(cast)
+        return copies[key]
+
+    def checked(out: Any, inp: torch.Tensor, which: str) -> Any:
+        if isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex()):
+            single = out.dtype in (torch.float32, torch.complex64)
+            if single != (inp.dtype in (torch.float32, torch.complex64)):
+                raise TypeError(
+                    f"the operator {name}: its {which} returned {out.dtype} for a {inp.dtype} "
+                    "input; its tensors are not in the batch's precision (a torch.nn.Module "
+                    "physics is cast automatically; convert this one yourself)"
+                )
+        return out
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        add_axis = ndim is not None and x.ndim == ndim + 1
+        return checked(matched(x).A(x.unsqueeze(1) if add_axis else x), x, "A")
+
+    def adjoint(y: torch.Tensor) -> torch.Tensor:
+        out = checked(matched(y).A_adjoint(y), y, "A_adjoint")
+        drop_axis = (
+            ndim is not None
+            and isinstance(out, torch.Tensor)
+            and out.ndim == ndim + 2
+            and out.shape[1] == 1
+        )
+        if drop_axis:
+            out = out[:, 0]
+        return out.real if real_model and out.is_complex() else out
+
+    return Operator(forward, adjoint, ms, ds, bool(is_complex), name)
 
 
 def _from_pylops_mpi(J: Any) -> bool:
@@ -562,6 +656,9 @@ def per_sample(
     model_shape: Sequence[int] | None = None,
     data_shape: Sequence[int] | None = None,
     real_model: bool = True,
+    *,
+    is_complex: bool | None = None,
+    ndim: int | None = None,
 ) -> BatchedOperator:
     r"""One operator per sample: row ``i`` of a batch goes through ``operators[i]``.
 
@@ -570,7 +667,7 @@ def per_sample(
     operators : list or tuple
         ``B`` operators of any kind :func:`as_operator` accepts, with the same model and data
         shapes (and all real or all complex).
-    model_shape, data_shape, real_model
+    model_shape, data_shape, real_model, is_complex, ndim
         As in :func:`as_operator`, for every operator.
 
     Returns
@@ -616,7 +713,11 @@ def per_sample(
                 "one operator per sample; give a matrix as a numpy array or torch tensor)"
             )
         try:
-            ops.append(as_operator(J, model_shape, data_shape, real_model))
+            ops.append(
+                as_operator(
+                    J, model_shape, data_shape, real_model, is_complex=is_complex, ndim=ndim
+                )
+            )
         except (TypeError, ValueError) as err:
             message = str(err).removeprefix("J: ")
             raise type(err)(f"J[{i}]: {message}") from None

@@ -37,9 +37,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 Case = tuple[Callable[[], InvertibleModule], tuple[int, ...], tuple[tuple[int, ...], ...]]
 
 
-def _loop() -> InvertibleModule:
+def _loop(**options) -> InvertibleModule:
     op = pylops.MatrixMult(np.random.default_rng(4).standard_normal((6, 16)))
-    loop = invops.NetworkLoop(3, 4, maxiter=2, link="softplus", k1=3, p1=1, s1=1)
+    loop = invops.NetworkLoop(3, 4, maxiter=2, link="softplus", k1=3, p1=1, s1=1, **options)
     return loop.bind(invops.operators.as_operator(op, model_shape=(4, 4)))
 
 
@@ -134,7 +134,12 @@ REGISTRY: dict[str, list[Case]] = {
     ],
     "NetworkRevNet": [(lambda: invops.NetworkRevNet(2, 4, blocks=[1, 1], ndim=1), (2, 2, 4), ())],
     "NetworkUNet": [(lambda: invops.NetworkUNet(2, 4, blocks=[1, 1], ndim=1), (2, 2, 4), ())],
-    "NetworkLoop": [(_loop, (2, 3, 4, 4), ((2, 6),))],
+    "NetworkLoop": [
+        (_loop, (2, 3, 4, 4), ((2, 6),)),
+        # the start from the data (differentiated in d in every mode) and tied conditioners
+        (lambda: _loop(init="steepest", tied=True), (2, 3, 4, 4), ((2, 6),)),
+        (lambda: _loop(init="adjoint", tied=True, type="hint"), (2, 3, 4, 4), ((2, 6),)),
+    ],
 }
 
 _ABSTRACT = {"InvertibleModule"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +92,13 @@ def link_function(
     raise TypeError(f"link: expected a name, a callable or a (psi, dpsi) pair, got {link!r}")
 
 
+def _bound_operator() -> Operator:
+    op = _OPERATOR.get()
+    if op is None:
+        raise RuntimeError("NetworkLoop: no physics operator is bound (call through NetworkLoop)")
+    return op
+
+
 @contextlib.contextmanager
 def _bound(op: Operator) -> Iterator[None]:
     token = _OPERATOR.set(op)
@@ -99,6 +106,190 @@ def _bound(op: Operator) -> Iterator[None]:
         yield
     finally:
         _OPERATOR.reset(token)
+
+
+def _model_of_channels(channels: torch.Tensor, complex_model: bool) -> torch.Tensor:
+    """Real channels ``(B, n, *spatial)`` as the operator's model: ``k = n`` real or ``n / 2``
+    complex channels, without a channel axis when ``k == 1``."""
+    if complex_model:
+        k = channels.shape[1] // 2
+        channels = torch.complex(channels[:, :k], channels[:, k:])
+    return channels[:, 0] if channels.shape[1] == 1 else channels
+
+
+def _adjoint_channels(
+    op: Operator,
+    residual: torch.Tensor,
+    model_shape: Sequence[int],
+    like: torch.Tensor,
+    complex_model: bool,
+) -> torch.Tensor:
+    """``J^H residual`` as real channels shaped like ``like`` ``(B, n_model, *spatial)``."""
+    batch, n_model, spatial = like.shape[0], like.shape[1], like.shape[2:]
+    grad = apply_adjoint(op, residual, model_shape=model_shape)
+    if complex_model:
+        if not grad.is_complex():
+            raise TypeError(
+                f"NetworkLoop: the adjoint of {op.name} returned a real {grad.dtype} array "
+                "for a complex model; build the operator with "
+                "invops.operators.as_operator(J, real_model=False) (a raw J is adapted so "
+                "automatically), or make its adjoint return the complex J^H r"
+            )
+        grad = grad.reshape(batch, n_model // 2, *spatial)
+        grad = torch.cat((grad.real, grad.imag), dim=1)
+    else:
+        if grad.is_complex():  # a complex operator on a real model: Re J^H r
+            grad = grad.real
+        grad = grad.reshape(batch, n_model, *spatial)
+    return grad.to(like.dtype)
+
+
+_STARTS = ("zero", "adjoint", "steepest")
+
+
+class _InitialEstimate(Block):
+    r""":math:`(s, d) \mapsto \eta_0(d)`, the start added to :math:`\eta` (``s`` gives the shape).
+
+    ``"adjoint"``: :math:`w \odot g` with :math:`g = J^H d` (as real channels) and :math:`w` a
+    learned scale per physical channel, 1 at first. ``"steepest"``: :math:`w \odot t(d)\, g`
+    with :math:`t = \|g\|^2 / \|J g\|^2` per sample, the exact line search from zero along
+    the steepest-descent direction of :math:`\tfrac12\|J\eta - d\|^2`. A callable
+    ``init(d, A, A_adjoint)`` returns :math:`\eta_0` itself (``A``/``A_adjoint`` apply the
+    bound operator, differentiably).
+    """
+
+    def __init__(self, rule: str | Callable, n_model: int, complex_model: bool) -> None:
+        super().__init__()
+        self.rule, self.n_model, self.complex_model = rule, n_model, complex_model
+        k = n_model // 2 if complex_model else n_model
+        self.weight = torch.nn.Parameter(torch.ones(k)) if isinstance(rule, str) else None
+
+    def extra_repr(self) -> str:
+        return f"rule={self.rule if isinstance(self.rule, str) else 'callable'}"
+
+    def _layout(self, s: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """A tensor shaped like the start ``(B, n_model, *spatial)`` and the operator's model
+        shape."""
+        like = s[:, : self.n_model]
+        k = self.n_model // 2 if self.complex_model else self.n_model
+        return like, (tuple(like.shape[2:]) if k == 1 else (k, *like.shape[2:]))
+
+    def _scale(self, weight: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        assert weight is not None  # the named starts have a weight
+        per_channel = torch.cat((weight, weight)) if self.complex_model else weight
+        return per_channel.view(1, -1, *(1,) * (like.ndim - 2))
+
+    def _gradient_and_step(self, op, d, like, model_shape):
+        """``g = J^H d`` as channels, and (for ``"steepest"``) ``J g`` and the step ``t``."""
+        g = _adjoint_channels(op, d, model_shape, like, self.complex_model)
+        if self.rule != "steepest":
+            return g, None, None
+        q = apply_operator(op, _model_of_channels(g, self.complex_model), data_shape=d.shape[1:])
+        # (J g = 0 only if g = 0, since <g, g> = Re<d, J g>: the start is then 0)
+        t = _sum_squares(g) / (_sum_squares(q) + torch.finfo(g.dtype).tiny)
+        return g, q, t
+
+    def _forward(self, s: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        op = _bound_operator()
+        like, model_shape = self._layout(s)
+        if not isinstance(self.rule, str):
+            start = self.rule(d, *self._maps(op, d, model_shape))
+            return self._check_start(start, like)
+        g, _, t = self._gradient_and_step(op, d, like, model_shape)
+        scaled = self._scale(self.weight, like) * g
+        return scaled if t is None else _per_sample(t, g) * scaled
+
+    def _maps(self, op, d, model_shape):
+        def forward(m: torch.Tensor) -> torch.Tensor:
+            return apply_operator(op, m, data_shape=d.shape[1:])
+
+        def adjoint(r: torch.Tensor) -> torch.Tensor:
+            return apply_adjoint(op, r, model_shape=model_shape)
+
+        return forward, adjoint
+
+    def _check_start(self, start: Any, like: torch.Tensor) -> torch.Tensor:
+        if not isinstance(start, torch.Tensor) or start.shape != like.shape:
+            got = tuple(start.shape) if isinstance(start, torch.Tensor) else type(start).__name__
+            raise ValueError(
+                f"NetworkLoop: init(d, A, A_adjoint) must return the start as a tensor of shape "
+                f"{tuple(like.shape)} (B, n_model, *spatial), got {got}"
+            )
+        if start.dtype != like.dtype:
+            raise TypeError(
+                f"NetworkLoop: init(d, A, A_adjoint) returned {start.dtype}, the state is "
+                f"{like.dtype}"
+            )
+        return start
+
+    def _tangent_rule(self, x, cond, dx, dcond, dtheta):
+        r"""Linear in :math:`d` but for :math:`t`: with :math:`q = Jg`,
+        :math:`dt = 2(\langle g, dg\rangle - t\,\langle q, dq\rangle) / \|q\|^2`."""
+        if not isinstance(self.rule, str):  # a user's callable: dual tensors
+            return self._tangent_dual(x, cond, dx, dcond, dtheta)
+        (d,), (dd,) = cond, dcond
+        op = _bound_operator()
+        like, model_shape = self._layout(x)
+        g, q, t = self._gradient_and_step(op, d, like, model_shape)
+        dg = (
+            None if dd is None else _adjoint_channels(op, dd, model_shape, like, self.complex_model)
+        )
+        scale = self._scale(self.weight, like)
+        dweight = dtheta.get(self.weight)
+        dscale = None if dweight is None else self._scale(dweight, like)
+        if t is None:
+            y = scale * g
+            terms = [] if dg is None else [scale * dg]
+        else:
+            step = _per_sample(t, g)
+            y = step * scale * g
+            terms = []
+            if dg is not None:
+                dq = apply_operator(
+                    op, _model_of_channels(dg, self.complex_model), data_shape=d.shape[1:]
+                )
+                qq = _sum_squares(q) + torch.finfo(g.dtype).tiny
+                dt = 2 * (_inner(g, dg) - t * _inner(q, dq)) / qq
+                terms += [step * scale * dg, _per_sample(dt, g) * scale * g]
+        if dscale is not None:
+            terms.append(dscale * g if t is None else _per_sample(t, g) * dscale * g)
+        return y, (sum(terms[1:], terms[0]) if terms else None)
+
+
+def _sum_squares(t: torch.Tensor) -> torch.Tensor:
+    """``||t_i||^2`` per sample (real tensors, or complex ones by their parts)."""
+    t = torch.view_as_real(t) if t.is_complex() else t
+    return t.square().flatten(1).sum(1)
+
+
+def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``Re <a_i, b_i>`` per sample."""
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+    return (a * b).flatten(1).sum(1)
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, *(1,) * (like.ndim - 1))
+
+
+class _TiedSubnets:
+    """A conditioner factory for tied iterations: the first iteration's calls build the
+    conditioners; every later iteration gets the same ones, in the same order."""
+
+    def __init__(self, factory: Subnet) -> None:
+        self.factory, self.position = factory, 0
+        self.built: list[Any] = []
+
+    def next_iteration(self) -> None:
+        self.position = 0
+
+    def __call__(self, n_in: int, n_out: int, **kwargs: Any):
+        if self.position == len(self.built):
+            ready = isinstance(self.factory, torch.nn.Module)  # one module: shared as it is
+            self.built.append(self.factory if ready else self.factory(n_in, n_out, **kwargs))
+        self.position += 1
+        return self.built[self.position - 1]
 
 
 class _DataFitGradient(Block):
@@ -144,35 +335,14 @@ class _DataFitGradient(Block):
         return model[:, 0] if model.shape[1] == 1 else model
 
     def _operator(self) -> Operator:
-        op = _OPERATOR.get()
-        if op is None:
-            raise RuntimeError(
-                "NetworkLoop: no physics operator is bound (call through NetworkLoop)"
-            )
-        return op
+        return _bound_operator()
 
     def _adjoint_channels(
         self, op: Operator, residual: torch.Tensor, model: torch.Tensor, eta: torch.Tensor
     ) -> torch.Tensor:
         """``J^H residual`` as ``n_model`` real channels shaped like ``eta`` (linear in
         ``residual``, so the tangent goes through it too)."""
-        batch, spatial = eta.shape[0], eta.shape[2:]
-        grad = apply_adjoint(op, residual, model_shape=model.shape[1:])
-        if self.complex_model:
-            if not grad.is_complex():
-                raise TypeError(
-                    f"NetworkLoop: the adjoint of {op.name} returned a real {grad.dtype} array "
-                    "for a complex model; build the operator with "
-                    "invops.operators.as_operator(J, real_model=False) (a raw J is adapted so "
-                    "automatically), or make its adjoint return the complex J^H r"
-                )
-            grad = grad.reshape(batch, self.n_model // 2, *spatial)
-            grad = torch.cat((grad.real, grad.imag), dim=1)
-        else:
-            if grad.is_complex():  # a complex operator on a real model: Re J^H r
-                grad = grad.real
-            grad = grad.reshape(batch, self.n_model, *spatial)
-        return grad.to(eta.dtype)
+        return _adjoint_channels(op, residual, model.shape[1:], eta, self.complex_model)
 
     def _with_memory(self, normalized: torch.Tensor) -> torch.Tensor:
         zeros = normalized.new_zeros(
@@ -348,6 +518,21 @@ class NetworkLoop(NonlinearOperator):
         (``"parts"``, the default), or maps the magnitude and keeps the phase
         (``"magnitude"``: :math:`\psi(|z|)\, z / |z|`, which is continuous at :math:`z = 0`
         only if :math:`\psi(0) = 0`).
+    init : {None, "zero", "adjoint", "steepest"} or callable
+        Start of the estimate, **added** to the ``eta`` passed in (pass zeros):
+        ``None``/``"zero"`` (default, no start); ``"adjoint"``: :math:`w\,J^H d`, with
+        :math:`w` a learned scale per physical channel (1 at first); ``"steepest"``:
+        :math:`w\,t(d)\,J^H d` with :math:`t = \|J^H d\|^2 / \|J J^H d\|^2` per sample,
+        the exact line search from zero along the steepest-descent direction (right for any
+        scaling of ``J``; one extra application of ``J``); or a callable
+        ``init(d, A, A_adjoint)`` returning the start ``(B, n_model, *spatial)``, where ``A``
+        and ``A_adjoint`` apply the bound operator to models and data, differentiably. The
+        start is part of the map: its derivative in ``d`` enters every mode.
+        ``"steepest"`` is the recommended choice for inverse problems (see Notes).
+    tied : bool
+        Share one set of conditioner weights between all iterations (a recurrent network of
+        ``maxiter`` steps); each iteration keeps its own 1x1 convolution and the ActNorm of its
+        data-fit gradient. Gradients of the shared weights are summed over the iterations.
     **subnet_options
         ``k1, k2, p1, p2, s1, s2, activation`` of the default
         :class:`~invops.SubnetFactory` (defaults of InvertibleNetworks.jl, ``4, 3, 0, 1, 4,
@@ -356,6 +541,13 @@ class NetworkLoop(NonlinearOperator):
 
     Notes
     -----
+    With ``init``, a first step adds the start :math:`\eta_0(d)` to :math:`\eta`; it is an
+    additive coupling of :math:`\eta` conditioned on :math:`d` alone, so the loop stays
+    invertible in :math:`(\eta, s)`. Starting from a data-consistent estimate rather than
+    zero lets the iterations refine instead of first rebuilding the image's scale: on a
+    deblurring task (``benchmarks/unrolled_vs_deepinv.py``) it gained about 2 dB over the zero
+    start at the same cost.
+
     Iteration :math:`j` computes the data-fit gradient and injects it into the memory, then
     applies an invertible step :math:`L_j`:
 
@@ -380,7 +572,10 @@ class NetworkLoop(NonlinearOperator):
     applies :math:`J` and :math:`J^H` once each to recompute :math:`g_j` and once each to
     backpropagate through it (exactly, including :math:`\psi'`).
 
-    ``J`` is anything :func:`invops.operators.as_operator` accepts; it is bound for the call,
+    ``J`` is anything :func:`invops.operators.as_operator` accepts, including physics objects
+    with ``A`` and ``A_adjoint`` (deepinv's linear physics: their channel axis is added for a
+    one-channel model and their float32 buffers are matched to the loop's precision); it is
+    bound for the call,
     so a deferred ``loss.backward()`` uses the operator of its own forward call. Complex
     operators (e.g. ``pylops.medical.MRI2D``) take complex data ``d``; for a real model the
     gradient injected is the real part of :math:`J^H r`. ``J`` may also be a list of ``B``
@@ -435,6 +630,8 @@ class NetworkLoop(NonlinearOperator):
         n_model: int = 1,
         complex_model: bool = False,
         complex_link: str = "parts",
+        init: str | Callable | None = None,
+        tied: bool = False,
         **subnet_options: Any,
     ) -> None:
         super().__init__()
@@ -461,7 +658,16 @@ class NetworkLoop(NonlinearOperator):
             raise ValueError(
                 f"NetworkLoop: complex_link must be 'parts' or 'magnitude', got {complex_link!r}"
             )
+        if init is not None and not callable(init) and init not in _STARTS:
+            raise ValueError(
+                f"NetworkLoop: init must be one of {_STARTS}, a callable init(d, A, A_adjoint) "
+                f"or None, got {init!r}"
+            )
+        if not isinstance(tied, bool):
+            raise TypeError(f"NetworkLoop: tied must be a bool, got {tied.__class__.__name__}")
         self.n_in, self.maxiter, self.ndim = n_in, maxiter, ndim
+        self.init = "zero" if init is None else init
+        self.tied = tied
         # shadows torch.nn.Module.type() (a dtype cast) on instances: kept for compatibility
         self.type = type  # type: ignore[method-assign, assignment]
         self.n_model, self.complex_model = n_model, bool(complex_model)
@@ -469,8 +675,28 @@ class NetworkLoop(NonlinearOperator):
         magnitude = self.complex_model and complex_link == "magnitude"
         psi = link_function(link, n_model // 2 if magnitude else n_model)
         factory = subnet_factory(subnet, "NetworkLoop", n_hidden, ndim, IRIM_CONV, subnet_options)
+        tied_factory = _TiedSubnets(factory) if tied else None
         steps: list[InvertibleModule] = []
+        if self.init != "zero":
+            # eta += eta_0(d): an additive coupling of eta conditioned on d alone (s, the fixed
+            # group, is not read), so the loop stays invertible and eta_0 is differentiated in d
+            start = _InitialEstimate(self.init, n_model, self.complex_model)
+            steps.append(
+                Coupling(
+                    n_in,
+                    start,
+                    "additive",
+                    n_first=n_model,
+                    fixed="second",
+                    n_conditions=1,
+                    ndim=ndim,
+                    owner="NetworkLoop",
+                )
+            )
         for _ in range(maxiter):
+            if tied_factory is not None:
+                tied_factory.next_iteration()
+                factory = tied_factory
             data_fit = _DataFitGradient(
                 n_in - n_model, psi, ndim, n_model, self.complex_model, complex_link
             )
@@ -501,7 +727,7 @@ class NetworkLoop(NonlinearOperator):
         is adapted with :func:`invops.operators.as_operator` (``real_model=False`` for a
         complex model, so that the adjoint returns the complex :math:`J^H r`).
         """
-        return _BoundLoop(self, as_operator(J, real_model=not self.complex_model))
+        return _BoundLoop(self, as_operator(J, real_model=not self.complex_model, ndim=self.ndim))
 
     def physical_model(self, eta: Any) -> Any:
         r"""The model the operator sees for a state ``eta`` ``(B, n_model, *spatial)``.
@@ -519,7 +745,7 @@ class NetworkLoop(NonlinearOperator):
                 f"NetworkLoop: eta must be (B, {self.n_model}, {', '.join('*' * self.ndim)}), "
                 f"got shape {tuple(eta_t.shape)}"
             )
-        data_fit = cast(_DataFitGradient, self.steps.layers[0].subnet)
+        data_fit = next(m for m in self.steps.modules() if isinstance(m, _DataFitGradient))
         return from_torch(data_fit.physical_model(eta_t), kind)
 
     def _pack(self, bound: InvertibleModule, eta: Any, s: Any, names=("eta", "s")):
