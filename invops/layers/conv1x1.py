@@ -125,7 +125,7 @@ class Conv1x1(InvertibleModule):
 
     @staticmethod
     def _outer_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """:math:`\sum_{b, \text{space}} a\, b^T`: ``(C, C)`` from two ``(B, C, ...)``."""
+        r""":math:`\sum a\, b^T` over the batch and space: ``(C, C)`` from two ``(B, C, ...)``."""
         a = a.reshape(a.shape[0], a.shape[1], -1)
         return (a @ b.reshape(b.shape[0], b.shape[1], -1).mT).sum(0)
 
