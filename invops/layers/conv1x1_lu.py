@@ -8,6 +8,7 @@ import torch
 
 from .._checks import check_layout
 from ..module import InvertibleModule
+from .conv1x1 import Conv1x1
 
 __all__ = ["Conv1x1LU"]
 
@@ -102,7 +103,7 @@ class Conv1x1LU(InvertibleModule):
         return (n_points * self.log_s.sum()).expand(x.shape[0])
 
     def _forward(self, x, *cond):
-        return torch.einsum("oc,bc...->bo...", self.matrix(), x), self._logdet(x)
+        return _mix(self.matrix(), x), self._logdet(x)
 
     def _solve(self, lower: torch.Tensor, upper: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """:math:`W^{-1} y` by two triangular solves."""
@@ -152,4 +153,4 @@ class Conv1x1LU(InvertibleModule):
 
 
 def _mix(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("oc,bc...->bo...", w, x)
+    return Conv1x1._mix(w, x)
