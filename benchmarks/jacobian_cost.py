@@ -11,8 +11,11 @@ What is measured. At one linearization point, the median time (after a warm-up c
 - ``plain vjp``: a forward with stored activations (``plain_autograd()``) plus
   ``torch.autograd.grad`` to the input and the parameters, the usual cost of a reverse product;
 
-for a multiscale ``NetworkGlow`` (the configuration of ``glow_memory_time.py``, 64x64) and a
-``NetworkLoop`` calling a PyLops blur (the configuration of ``irim_unrolled.py``).
+for two multiscale ``NetworkGlow`` configurations (``glow``: 64 hidden channels, L=2, K=4, 32x32,
+the size a newcomer tries first; ``glow-injl``: InvertibleNetworks.jl's benchmark configuration
+of ``glow_memory_time.py``, 256 hidden channels, L=3, at 64x64) and a ``NetworkLoop`` calling a
+PyLops blur (the configuration of ``irim_unrolled.py``). The operations of one network are timed
+alternating, one call of each per round, so that a slow phase of the machine hits them alike.
 
 Why. The Jacobian of a network is a ``pylops.LinearOperator`` used inside iterative solvers,
 which apply it and its adjoint many times; the targets are ``jvp`` at most 2.2
@@ -24,6 +27,8 @@ GPU they would be cupy).
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +37,6 @@ from _common import (
     fmt,
     machine_info,
     markdown_table,
-    median_time,
     new_figure,
     runtime_info,
     save_figure,
@@ -46,15 +50,24 @@ JVP_BOTH_TARGET = 3.0
 
 
 def glow_operations(args) -> tuple[dict[str, Callable[[], object]], dict]:
-    """The timed operations of a Glow, and its description."""
+    """The timed operations of the small Glow, and its description."""
+    return _glow_operations(args, args.hidden, args.levels, args.K, args.nx)
+
+
+def glow_injl_operations(args) -> tuple[dict[str, Callable[[], object]], dict]:
+    """The timed operations of InvertibleNetworks.jl's Glow configuration."""
+    return _glow_operations(args, args.injl_hidden, 3, args.injl_K, args.injl_nx)
+
+
+def _glow_operations(args, hidden, levels, K, nx) -> tuple[dict[str, Callable[[], object]], dict]:
     import numpy as np
     import torch
 
     import invops
 
-    net = invops.NetworkGlow(3, args.hidden, L=args.levels, K=args.K, split_scales=True)
+    net = invops.NetworkGlow(3, hidden, L=levels, K=K, split_scales=True)
     gen = torch.Generator().manual_seed(args.seed)
-    x = torch.rand(args.batch, 3, args.nx, args.nx, generator=gen)
+    x = torch.rand(args.batch, 3, nx, nx, generator=gen)
     with torch.no_grad():
         net(x)  # ActNorm initialisation
     dx = torch.randn(x.shape, generator=gen)
@@ -80,7 +93,7 @@ def glow_operations(args) -> tuple[dict[str, Callable[[], object]], dict]:
         "J.H @ w (input+params)": lambda: J_both.H @ w,
         "plain vjp": plain_vjp,
     }
-    info = {"K": args.K, "L": args.levels, "hidden": args.hidden, "nx": args.nx}
+    info = {"K": K, "L": levels, "hidden": hidden, "nx": nx}
     return ops, {**info, "params": sum(p.numel() for p in params)}
 
 
@@ -147,11 +160,19 @@ def _no_grad(net, x):
 
 
 def time_operations(ops: dict[str, Callable[[], object]], repeats: int) -> dict:
-    """``{name: {"median": s, "times": [...], "ratio": median / forward median}}``."""
-    out = {}
-    for name, fn in ops.items():
-        fn()  # warm-up
-        out[name] = median_time(fn, repeats, "cpu")
+    """``{name: {"median": s, "times": [...], "ratio": median / forward median}}``.
+
+    One warm-up call of each, then ``repeats`` rounds calling every operation once in turn.
+    """
+    for fn in ops.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in ops}
+    for _ in range(repeats):
+        for name, fn in ops.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    out = {name: {"median": statistics.median(t), "times": t} for name, t in times.items()}
     for entry in out.values():
         entry["ratio"] = entry["median"] / out["forward"]["median"]
     return out
@@ -192,14 +213,25 @@ def plot(results: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+# --networks key -> (name in the results, builder)
+BUILDERS = {
+    "glow": ("NetworkGlow", glow_operations),
+    "glow-injl": ("NetworkGlow (IN.jl configuration)", glow_injl_operations),
+    "loop": ("NetworkLoop", loop_operations),
+}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--networks", nargs="+", choices=("glow", "loop"), default=["glow", "loop"])
+    parser.add_argument("--networks", nargs="+", choices=tuple(BUILDERS), default=list(BUILDERS))
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--K", type=int, default=8, help="Glow steps per scale")
-    parser.add_argument("--levels", type=int, default=3, help="Glow scales")
-    parser.add_argument("--hidden", type=int, default=256, help="Glow hidden channels")
-    parser.add_argument("--nx", type=int, default=64, help="Glow image side")
+    parser.add_argument("--K", type=int, default=4, help="small Glow: steps per scale")
+    parser.add_argument("--levels", type=int, default=2, help="small Glow: scales")
+    parser.add_argument("--hidden", type=int, default=64, help="small Glow: hidden channels")
+    parser.add_argument("--nx", type=int, default=32, help="small Glow: image side")
+    parser.add_argument("--injl-K", type=int, default=8, help="IN.jl Glow: steps per scale")
+    parser.add_argument("--injl-hidden", type=int, default=256, help="IN.jl Glow: hidden")
+    parser.add_argument("--injl-nx", type=int, default=64, help="IN.jl Glow: image side")
     parser.add_argument("--loop-channels", type=int, default=4)
     parser.add_argument("--loop-hidden", type=int, default=64)
     parser.add_argument("--loop-maxiter", type=int, default=8)
@@ -211,10 +243,9 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_torch(args.threads, args.seed)
-    builders = {"glow": ("NetworkGlow", glow_operations), "loop": ("NetworkLoop", loop_operations)}
     results, configs = {}, {}
     for key in args.networks:
-        name, build = builders[key]
+        name, build = BUILDERS[key]
         ops, configs[name] = build(args)
         results[name] = time_operations(ops, args.repeats)
         print(report(f"{name} {configs[name]}, batch {args.batch}", results[name]) + "\n")

@@ -152,10 +152,15 @@ def test_irim_unrolled_in_process(tmp_path, capsys):
 
 def test_jacobian_cost(tmp_path, capsys):
     args = ["--K", "1", "--nx", "8", "--loop-hidden", "4", "--loop-nx", "8", "--loop-maxiter", "1"]
+    args += ["--injl-K", "1", "--injl-hidden", "4", "--injl-nx", "8"]
     out = run(jacobian_cost.main, [*args, *TINY], tmp_path, capsys)
     assert "| jvp |" in out and "J.H @ w (input+params)" in out
     result = json.loads((tmp_path / "jacobian_cost_cpu.json").read_text())
-    assert set(result["results"]) == {"NetworkGlow", "NetworkLoop"}
+    assert set(result["results"]) == {
+        "NetworkGlow",
+        "NetworkGlow (IN.jl configuration)",
+        "NetworkLoop",
+    }
     for timings in result["results"].values():
         assert timings["forward"]["ratio"] == 1.0
         assert all(t["median"] > 0 and math.isfinite(t["ratio"]) for t in timings.values())
