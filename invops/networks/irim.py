@@ -369,7 +369,8 @@ class _DataFitGradient(Block):
     def _model_tangent(self, eta: torch.Tensor, deta: torch.Tensor) -> torch.Tensor:
         """The tangent of :meth:`physical_model` at ``eta`` in the direction ``deta``."""
         if not self.complex_model:
-            dmodel = self._link_slope(eta) * deta
+            identity = self.link is _LINKS["identity"]  # no slope to compute
+            dmodel = deta if identity else self._link_slope(eta) * deta
         else:
             k = self.n_model // 2
             re, im, dre, dim = eta[:, :k], eta[:, k:], deta[:, :k], deta[:, k:]
