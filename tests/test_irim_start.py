@@ -372,3 +372,29 @@ def test_deepinv_physics_inside_the_loop():
     eta2, s2 = torch.zeros(2, 2, N, N), torch.zeros(2, 2, N, N)
     out = loop2(eta2, s2, y, copy.deepcopy(mri))
     assert out[0].shape == (2, 2, N, N) and torch.isfinite(out[0]).all()
+
+
+def test_data_consistent_start_does_not_blow_up_the_normalisation():
+    """A start from J^T d with J J^T = I (a sampling of an orthonormal transform, as a Cartesian
+    MRI mask is) makes the first data-fit gradient zero up to rounding. Normalising rounding
+    errors to unit variance made the loss infinite after one Adam step (the deblur/MRI benchmark
+    of issue 19); the normalisation now takes the data's scale for such a gradient."""
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(64, 64, dtype=F64))
+    A = q[::2].float()  # half the rows of an orthonormal matrix: A A^T = I, rounding aside
+    truth = torch.rand(8, 1, 8, 8)
+    d = truth.reshape(8, 64) @ A.T
+    A_op = as_operator(A, model_shape=(8, 8))
+    loop = NetworkLoop(3, 8, maxiter=2, init="adjoint", k1=3, p1=1, s1=1)
+    optimizer = torch.optim.Adam(loop.parameters(), lr=1e-2)
+    eta, s = torch.zeros(8, 1, 8, 8), torch.zeros(8, 2, 8, 8)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = (loop(eta, s, d, A_op)[0] - truth).pow(2).mean()
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+    data_scale = float((d @ A).std())
+    for step in loop.steps.layers[1::2]:  # the data-fit couplings
+        scale = float(torch.exp(step.subnet.normalize.log_scale))
+        assert 0.1 / data_scale < scale < 10 / data_scale

@@ -355,8 +355,39 @@ class _DataFitGradient(Block):
         model = self.physical_model(eta)
         # the data and the model fix the shapes J and J^H must return, also for callables
         residual = apply_operator(op, model, data_shape=d.shape[1:], data=d) - d
-        normalized, _ = self.normalize._forward(self._adjoint_channels(op, residual, model, eta))
+        grad = self._adjoint_channels(op, residual, model, eta)
+        self._initialize_normalization(op, d, model, grad)
+        normalized, _ = self.normalize._forward(grad)
         return self._with_memory(normalized)
+
+    @torch.no_grad()
+    def _initialize_normalization(self, op, d, model, grad) -> None:
+        r"""The ActNorm's first-call initialisation, guarded against a vanishing gradient.
+
+        At a data-consistent estimate (a start from :math:`J^H d` when :math:`J J^H = I` on
+        the data, as for a Cartesian MRI mask) the first gradient is zero up to rounding, and
+        normalising its rounding errors to unit variance would amplify every later gradient by
+        up to :math:`10^7`. A channel whose gradient is that small against the data's own scale
+        (standard deviation below :math:`\sqrt{\epsilon}` times that of :math:`J^H d`) is
+        normalised by the scale of :math:`J^H d` instead (the gradient at a zero model), with no
+        shift.
+        """
+        if self.normalize._ready:
+            return
+        self.normalize._initialize(grad.detach(), inverse=False)
+        reference = ActNorm(self.n_model, logdet=False).to(grad.device, grad.dtype)
+        reference._initialize(
+            _adjoint_channels(op, d.detach(), model.shape[1:], grad, self.complex_model), False
+        )
+        std, std_data = (torch.exp(-a.log_scale) for a in (self.normalize, reference))
+        vanishing = std < torch.finfo(grad.dtype).eps ** 0.5 * std_data
+        if bool(vanishing.any()):
+            self.normalize.log_scale.copy_(
+                torch.where(vanishing, reference.log_scale, self.normalize.log_scale)
+            )
+            self.normalize.bias.copy_(
+                torch.where(vanishing, torch.zeros_like(std), self.normalize.bias)
+            )
 
     # -- forward mode, by hand: one extra pair of operator calls on the tangent
     def _link_slope(self, x: torch.Tensor) -> torch.Tensor:
@@ -404,6 +435,7 @@ class _DataFitGradient(Block):
             else:
                 dresidual = -dd
             dgrad = self._adjoint_channels(op, dresidual, model, x)
+        self._initialize_normalization(op, d, model, grad)
         normalized, dnormalized, _, _ = self.normalize._tangent_rule(grad, (), dgrad, (), dtheta)
         out = self._with_memory(normalized)
         return out, None if dnormalized is None else self._with_memory(dnormalized)
