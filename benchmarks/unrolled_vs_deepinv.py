@@ -19,7 +19,9 @@ the seed, the same for every system), mean squared error of the final estimate:
 - ``irim-zero``: ``invops.NetworkLoop`` (additive i-RIM, one set of conditioner weights per
   iteration) started from zero;
 - ``irim-adjoint``: the same, started from ``w * A^T d`` (``init="adjoint"``, ``w`` learned);
-- ``irim-adjoint-tied``: the same, one set of weights shared by every iteration
+- ``irim-steepest``: started from ``w t(d) A^T d``, ``t(d) = |A^T d|^2 / |A A^T d|^2`` the
+  exact line-search step from zero (``init="steepest"``, invops' recommended start);
+- ``irim-steepest-tied``: the same, one set of conditioner weights shared by every iteration
   (``tied=True``), wider to have about as many parameters;
 - ``dinv-pgd``: deepinv's unrolled proximal gradient descent (``deepinv.optim.PGD(...,
   unfold=True)``, started from ``A^T d``, learned step sizes) with one DnCNN per iteration;
@@ -87,8 +89,8 @@ IRIM_MEMORY = {"deblur": 4, "mri": 4}  # memory channels (the data-fit gradient 
 IRIM_HIDDEN = {
     ("deblur", "untied"): 29,
     ("mri", "untied"): 28,
-    ("deblur", "tied"): 72,
-    ("mri", "tied"): 70,
+    ("deblur", "tied"): 76,
+    ("mri", "tied"): 76,
 }
 DNCNN = {"untied": (6, 16), "tied": (8, 32)}  # (depth, width)
 LEARNING_RATES = {"irim": 3e-3, "dinv": 3e-3}  # best of 1e-3, 3e-3, 1e-2 at 200 steps
@@ -97,7 +99,7 @@ SYSTEMS = (
     "irim-zero",
     "irim-adjoint",
     "irim-steepest",
-    "irim-adjoint-tied",
+    "irim-steepest-tied",
     "dinv-pgd",
     "dinv-pgd-tied",
     "dinv-deq",
@@ -105,7 +107,7 @@ SYSTEMS = (
 BASELINES = ("adjoint", "tikhonov", "tv")
 NEEDS_DEEPINV = {"dinv-pgd", "dinv-pgd-tied", "dinv-deq", "tv"}
 MEMORY_ITERATIONS = (2, 4, 8, 16, 32)
-MEMORY_SYSTEMS = ("irim-zero", "irim-adjoint-tied", "dinv-pgd", "dinv-deq")
+MEMORY_SYSTEMS = ("irim-steepest", "irim-steepest-tied", "dinv-pgd", "dinv-deq")
 
 
 # ------------------------------------------------------------------------------ data
@@ -310,7 +312,8 @@ def _irim_module():
         def forward(self, d, physics):
             eta = self._start(d, physics)
             s = d.new_zeros(d.shape[0], self.n_memory, SIZE, SIZE)
-            J = invops_operator(physics)  # once invops takes A / A_adjoint objects: J = physics
+            # invops with init= also takes any object with A and A_adjoint (deepinv's physics)
+            J = physics if "init" in native else invops_operator(physics)
             with invops.plain_autograd() if self.plain else contextlib.nullcontext():
                 return self.loop(eta, s, d, J)[0]
 
@@ -421,8 +424,16 @@ def evaluate_system(system, task, seed, steps, lr, test, dinv, progress) -> dict
     try:
         model, phys, times, losses = train(system, task, seed, steps, lr, dinv, progress)
     except FloatingPointError as error:  # reported as a failed run, the sweep goes on
-        return {"system": system, "task": task, "seed": seed, "steps": steps, "lr": lr,
-                "error": str(error), "psnr": float("nan"), "ssim": float("nan")}
+        return {
+            "system": system,
+            "task": task,
+            "seed": seed,
+            "steps": steps,
+            "lr": lr,
+            "error": str(error),
+            "psnr": float("nan"),
+            "ssim": float("nan"),
+        }
     x, d = test
     result = scores(reconstruct(model, d, phys), x)
     warm = times[min(5, len(times) - 1) :]
@@ -460,7 +471,7 @@ def conjugate_gradient(apply, b, iterations: int = 100, tol: float = 1e-7):
     return x
 
 
-def baseline(name: str, weight: float, physics, d, dinv):
+def baseline(name: str, weight: float, physics, d, dinv, iterations: int = 200):
     import torch
 
     if name == "adjoint":
@@ -475,7 +486,7 @@ def baseline(name: str, weight: float, physics, d, dinv):
         prior=dinv.optim.TVPrior(n_it_max=50),
         lambda_reg=weight,
         stepsize=1.0,
-        max_iter=200,
+        max_iter=iterations,
     )
     with torch.no_grad():
         return solver(d, system_physics("tv", physics, dinv))
@@ -495,11 +506,12 @@ def evaluate_baseline(name: str, task: str, validation, test, dinv, quick: bool)
     if quick and len(grid) > 3:
         grid = grid[len(grid) // 2 - 1 : len(grid) // 2 + 2]
     xv, dv = validation
-    tuning = {w: scores(baseline(name, w, physics, dv, dinv), xv)["psnr"] for w in grid}
+    n = 20 if quick else 200
+    tuning = {w: scores(baseline(name, w, physics, dv, dinv, n), xv)["psnr"] for w in grid}
     best = max(tuning, key=tuning.__getitem__)
     x, d = test
     start = time.perf_counter()
-    result = scores(baseline(name, best, physics, d, dinv), x)
+    result = scores(baseline(name, best, physics, d, dinv, n), x)
     return result | {
         "system": name,
         "task": task,
@@ -581,6 +593,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     parser.add_argument("--lr", type=float, nargs=2, metavar=("IRIM", "DEEPINV"))
     parser.add_argument("--memory-iterations", type=int, nargs="*", default=list(MEMORY_ITERATIONS))
+    parser.add_argument(
+        "--memory-systems",
+        nargs="*",
+        default=list(MEMORY_SYSTEMS),
+        choices=SYSTEMS,
+        metavar="SYSTEM",
+        help=f"systems of the memory sweep (default: {' '.join(MEMORY_SYSTEMS)})",
+    )
     parser.add_argument("--repeats", type=int, default=10, help="timed steps (plain vs free)")
     parser.add_argument("--quick", action="store_true", help="smoke run: a few steps, 8 images")
     parser.add_argument("--threads", type=int, default=1)
@@ -602,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.test_images, args.repeats = min(args.steps, 3), 8, 2
-        args.memory_iterations = [i for i in args.memory_iterations if i <= 4] or [2]
+        args.memory_iterations = [min(args.memory_iterations)]
 
     import torch
 
@@ -683,8 +703,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         memory = [
             step_memory(system, task, n, dinv)
             for task in tasks
-            for system in MEMORY_SYSTEMS
-            if system in systems
+            for system in args.memory_systems
+            if system not in skipped
             for n in args.memory_iterations
         ]
         irim = any(s.startswith("irim") for s in systems)
