@@ -23,6 +23,9 @@ the seed, the same for every system), mean squared error of the final estimate:
   exact line-search step from zero (``init="steepest"``, invops' recommended start);
 - ``irim-steepest-tied``: the same, one set of conditioner weights shared by every iteration
   (``tied=True``), wider to have about as many parameters;
+- ``irim-steepest-fullres``: as ``irim-steepest`` with conditioners at full resolution
+  (3x3 convolutions, stride 1) instead of the default quarter resolution (a 4x4 stride-4
+  convolution first, as in InvertibleNetworks.jl);
 - ``dinv-pgd``: deepinv's unrolled proximal gradient descent (``deepinv.optim.PGD(...,
   unfold=True)``, started from ``A^T d``, learned step sizes) with one DnCNN per iteration;
 - ``dinv-pgd-tied``: the same with one DnCNN shared by all iterations (wider);
@@ -91,6 +94,8 @@ IRIM_HIDDEN = {
     ("mri", "untied"): 28,
     ("deblur", "tied"): 76,
     ("mri", "tied"): 76,
+    ("deblur", "fullres"): 31,
+    ("mri", "fullres"): 31,
 }
 DNCNN = {"untied": (6, 16), "tied": (8, 32)}  # (depth, width)
 LEARNING_RATES = {"irim": 3e-3, "dinv": 3e-3}  # best of 1e-3, 3e-3, 1e-2 at 200 steps
@@ -100,6 +105,7 @@ SYSTEMS = (
     "irim-adjoint",
     "irim-steepest",
     "irim-steepest-tied",
+    "irim-steepest-fullres",
     "dinv-pgd",
     "dinv-pgd-tied",
     "dinv-deq",
@@ -277,12 +283,17 @@ def _irim_module():
         Uses ``NetworkLoop(init=...)`` where invops has it, else builds the same start here.
         """
 
-        def __init__(self, task: str, iterations: int, init: str, tied: bool) -> None:
+        def __init__(
+            self, task: str, iterations: int, init: str, tied: bool, full_resolution: bool
+        ) -> None:
             super().__init__()
             self.n_model = 1 if task == "deblur" else 2
             self.n_memory = IRIM_MEMORY[task]
-            hidden = IRIM_HIDDEN[task, "tied" if tied else "untied"]
-            options: dict = {}
+            kind = "fullres" if full_resolution else "tied" if tied else "untied"
+            hidden = IRIM_HIDDEN[task, kind]
+            # the default conditioners work at a quarter of the resolution (InvertibleNetworks.jl's
+            # i-RIM); "fullres" gives them 3x3 convolutions at full resolution, as a DnCNN has
+            options: dict = dict(k1=3, p1=1, s1=1) if full_resolution else {}
             if tied:
                 options["tied"] = True
             self.init = init
@@ -324,7 +335,9 @@ def build(system: str, task: str, iterations: int = ITERATIONS, dinv=None):
     """The model ``f`` of a system: ``x = f(d, physics)`` with ``physics`` the system's kind."""
     if system.startswith("irim"):
         init = system.split("-")[1]
-        return _irim_module()(task, iterations, init, tied=system.endswith("tied"))
+        return _irim_module()(
+            task, iterations, init, system.endswith("tied"), system.endswith("fullres")
+        )
     n_channels = 1 if task == "deblur" else 2
     tied = system != "dinv-pgd"
     depth, width = DNCNN["tied" if tied else "untied"]
