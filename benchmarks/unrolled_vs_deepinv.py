@@ -656,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     previous = json.loads(path.read_text()) if args.resume and path.exists() else {}
     results: list[dict] = previous.get("results", [])
     done = {(r["task"], r["system"], r.get("seed")) for r in results}
-    agreement: dict = {}
+    agreement: dict = previous.get("settings", {}).get("physics_vs_deepinv_max_diff", {})
 
     def payload(memory=(), timing=()) -> dict:
         return {
@@ -666,7 +666,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "steps": args.steps,
                 "batch": BATCH,
                 "iterations": ITERATIONS,
-                "seeds": args.seeds,
+                "seeds": sorted({r.get("seed") for r in results} - {None} | set(args.seeds)),
                 "test_images": args.test_images,
                 "validation_images": n_validation,
                 "noise": NOISE,
