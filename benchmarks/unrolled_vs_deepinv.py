@@ -703,11 +703,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     system, task, seed, args.steps, lr, test, dinv, not args.no_progress
                 )
                 results.append(r)
-                print(
-                    f"{task} {system} seed {seed}: PSNR {r['psnr']:.2f} dB, SSIM "
-                    f"{r['ssim']:.3f}, {r['params']} parameters, {r['step_ms']:.1f} ms/step",
-                    flush=True,
-                )
+                if "error" in r:
+                    print(f"{task} {system} seed {seed}: failed ({r['error']})", flush=True)
+                else:
+                    print(
+                        f"{task} {system} seed {seed}: PSNR {r['psnr']:.2f} dB, SSIM "
+                        f"{r['ssim']:.3f}, {r['params']} parameters, {r['step_ms']:.1f} ms/step",
+                        flush=True,
+                    )
                 write_json(path, payload())
 
     if not args.cost:
