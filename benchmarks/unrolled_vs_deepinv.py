@@ -625,6 +625,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "the missing (task, system, seed) entries",
     )
     parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="print the tables and draw the figure of the JSON already written, run nothing",
+    )
+    parser.add_argument(
         "--cost",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -654,6 +659,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     n_validation = 8 if args.quick else VALIDATION_IMAGES
     path = args.results / f"unrolled_vs_deepinv{'_quick' if args.quick else ''}.json"
     previous = json.loads(path.read_text()) if args.resume and path.exists() else {}
+    if args.report_only:
+        previous = json.loads(path.read_text())
+        done_tasks = [
+            t for t in ("deblur", "mri") if any(r["task"] == t for r in previous["results"])
+        ]
+        report(previous, done_tasks)
+        print(f"wrote {plot(previous, done_tasks, args.plots / path.with_suffix('.png').name)}")
+        return previous
     results: list[dict] = previous.get("results", [])
     done = {(r["task"], r["system"], r.get("seed")) for r in results}
     agreement: dict = previous.get("settings", {}).get("physics_vs_deepinv_max_diff", {})
