@@ -848,12 +848,15 @@ def plot(payload: dict, tasks: Sequence[str], path: Path) -> Path:
     for ax, task in zip(axes, tasks):
         rows = summary(payload["results"], task)
         names = [r["system"] for r in rows]
+        finite = [v for r in rows for v in r["psnr_seeds"] if math.isfinite(v)]
+        low = max(0.0, min(finite, default=3.0) - 3)
         ax.bar(range(len(rows)), [r["psnr"] for r in rows], color="tab:blue")
         for i, r in enumerate(rows):
             ax.plot([i] * len(r["psnr_seeds"]), r["psnr_seeds"], "k.", ms=4)
+            if r["failed"]:
+                ax.text(i, low + 0.3, f"diverged ({len(r['failed'])})", rotation=90, ha="center")
         ax.set_xticks(range(len(rows)), names, rotation=45, ha="right")
-        low = min((r["psnr"] for r in rows), default=0)
-        ax.set_ylim(max(0.0, low - 3), None)
+        ax.set_ylim(low, None)
         ax.set_ylabel("test PSNR (dB)")
         ax.set_title(f"{task}: mean over seeds (dots: each seed)")
     ax = axes[-1]
