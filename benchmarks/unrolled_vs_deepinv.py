@@ -772,6 +772,10 @@ def summary(results: list[dict], task: str) -> list[dict]:
     return out
 
 
+def _score(value: float, digits: int = 2) -> str:
+    return "diverged" if math.isnan(value) else fmt(value, digits)
+
+
 def report(payload: dict, tasks: Sequence[str]) -> None:
     for task in tasks:
         rows = summary(payload["results"], task)
@@ -791,10 +795,10 @@ def report(payload: dict, tasks: Sequence[str]) -> None:
                 [
                     (
                         r["system"],
-                        " / ".join(fmt(v) for v in r["psnr_seeds"]),
-                        fmt(r["psnr"]),
-                        " / ".join(fmt(v, 3) for v in r["ssim_seeds"]),
-                        fmt(r["ssim"], 3),
+                        " / ".join(_score(v) for v in r["psnr_seeds"]),
+                        _score(r["psnr"]),
+                        " / ".join(_score(v, 3) for v in r["ssim_seeds"]),
+                        _score(r["ssim"], 3),
                         r["params"],
                         fmt(r["step_ms"], 1),
                         "-" if r["weight"] is None else f"{r['weight']:.2g}",
