@@ -25,7 +25,7 @@ the seed, the same for every system), mean squared error of the final estimate:
   (``tied=True``), wider to have about as many parameters;
 - ``irim-steepest-fullres``: as ``irim-steepest`` with conditioners at full resolution
   (3x3 convolutions, stride 1) instead of the default quarter resolution (a 4x4 stride-4
-  convolution first, as in InvertibleNetworks.jl);
+  convolution first, as in InvertibleNetworks.jl); ``irim-zero-fullres`` the same from zero;
 - ``dinv-pgd``: deepinv's unrolled proximal gradient descent (``deepinv.optim.PGD(...,
   unfold=True)``, started from ``A^T d``, learned step sizes) with one DnCNN per iteration;
 - ``dinv-pgd-tied``: the same with one DnCNN shared by all iterations (wider);
@@ -106,6 +106,7 @@ SYSTEMS = (
     "irim-steepest",
     "irim-steepest-tied",
     "irim-steepest-fullres",
+    "irim-zero-fullres",
     "dinv-pgd",
     "dinv-pgd-tied",
     "dinv-deq",
