@@ -295,6 +295,8 @@ def _irim_module():
             # the default conditioners work at a quarter of the resolution (InvertibleNetworks.jl's
             # i-RIM); "fullres" gives them 3x3 convolutions at full resolution, as a DnCNN has
             options: dict = dict(k1=3, p1=1, s1=1) if full_resolution else {}
+            if tied and "tied" not in native:
+                raise RuntimeError("this invops has no NetworkLoop(tied=...): update invops")
             if tied:
                 options["tied"] = True
             self.init = init
