@@ -29,6 +29,7 @@ test: bench-deps
 # the peers of the benchmarks, without their dependencies so that torch stays as pinned
 bench-deps: install
 	$(PIP) install --quiet --no-deps normflows==1.7.3 memcnn==1.5.2
+	$(PIP) install --quiet --no-deps -c constraints.txt deepinv torchvision torchmetrics einops natsort h5py
 
 # the CPU runs reported in BENCHMARKS.md (about 45 minutes on 2 cores; see benchmarks/README.md)
 bench: bench-deps

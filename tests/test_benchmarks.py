@@ -6,13 +6,15 @@ are noise, so only what cannot flake is asserted: values are finite and of the r
 memory-free and plain-autograd versions of a network give the same loss, and the sub-network
 evaluation counts (deterministic) are those of each method. The Glow depth sweep goes through
 fresh worker processes as in a real run; the other runs use ``--in-process`` to stay quick.
-normflows and MemCNN are optional: without them their systems must be skipped with a message.
+normflows, MemCNN and deepinv are optional: without them their systems must be skipped with a
+message.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import json
 import math
 import sys
@@ -21,12 +23,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import invops
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import glow_memory_time  # noqa: E402
 import irim_unrolled  # noqa: E402
 import jacobian_cost  # noqa: E402
+import unrolled_vs_deepinv  # noqa: E402
+from _deepinv import import_deepinv  # noqa: E402
 
 TINY = ["--hidden", "4", "--batch", "2", "--repeats", "1", "--threads", "1"]
 
@@ -184,3 +190,68 @@ def test_maxsize_sweep_needs_a_gpu(capsys):
     with pytest.raises(SystemExit):
         glow_memory_time.parse_args(["--sweep", "maxsize"])
     assert "needs a GPU" in capsys.readouterr().err
+
+
+# NetworkLoop(tied=...) and init=... where this invops has them (else the script builds the start)
+_TIED = "tied" in inspect.signature(invops.NetworkLoop).parameters
+QUICK = ["--quick", "--threads", "1", "--no-progress", "--seeds", "0"]
+
+
+def test_unrolled_vs_deepinv_without_deepinv(tmp_path, capsys, monkeypatch):
+    # deepinv counts as absent here whether or not it is installed
+    monkeypatch.setattr(unrolled_vs_deepinv, "import_deepinv", lambda: None)
+    systems = ["irim-zero", "irim-adjoint", "dinv-pgd", "tikhonov", "tv", "adjoint"]
+    memory = ["irim-steepest", *(["irim-steepest-tied"] if _TIED else [])]
+    args = [*QUICK, "--task", "deblur", "--systems", *systems, "--memory-systems", *memory]
+    out = run(unrolled_vs_deepinv.main, args, tmp_path, capsys)
+
+    assert "skipping dinv-pgd: deepinv not installed (pip install" in out
+    assert "skipping tv: deepinv not installed" in out
+    assert "| system | PSNR (dB) per seed |" in out and "memory-free (ms)" in out
+    result = json.loads((tmp_path / "unrolled_vs_deepinv_quick.json").read_text())
+    assert set(result["skipped"]) == {"dinv-pgd", "dinv-pgd-tied", "dinv-deq", "tv"}
+    runs = {r["system"]: r for r in result["results"]}
+    assert set(runs) == {"irim-zero", "irim-adjoint", "tikhonov", "adjoint"}
+    for r in runs.values():
+        assert "error" not in r and math.isfinite(r["psnr"]) and -1 <= r["ssim"] <= 1
+    for system in ("irim-zero", "irim-adjoint"):  # about 60k parameters, as the DnCNNs
+        assert 54_000 <= runs[system]["params"] <= 66_000
+        assert runs[system]["step_ms"] > 0
+    # a tuned Tikhonov is no worse than its own weakest weight, and beats the plain adjoint
+    assert runs["tikhonov"]["psnr"] >= min(runs["tikhonov"]["validation_psnr"].values()) - 3
+    assert runs["tikhonov"]["psnr"] > runs["adjoint"]["psnr"]
+    assert {m["system"] for m in result["memory"]} == set(memory)
+    assert all(m["peak_mb"] > 0 for m in result["memory"])
+    (timing,) = result["timing"]
+    assert timing["memory_free_ms"] > 0 and timing["plain_ms"] > 0
+    assert (tmp_path / "unrolled_vs_deepinv_quick.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(import_deepinv() is None, reason="deepinv not installed")
+def test_unrolled_vs_deepinv_with_deepinv(tmp_path, capsys):
+    systems = ["irim-adjoint", "dinv-pgd", "dinv-deq", "tv"]
+    args = [*QUICK, "--task", "both", "--systems", *systems, "--no-cost"]
+    out = run(unrolled_vs_deepinv.main, args, tmp_path, capsys)
+
+    assert "skipping" not in out
+    result = json.loads((tmp_path / "unrolled_vs_deepinv_quick.json").read_text())
+    # one physics for every system: the same as deepinv's Blur (circular) and MRI
+    assert set(result["settings"]["physics_vs_deepinv_max_diff"]) == {"deblur", "mri"}
+    assert max(result["settings"]["physics_vs_deepinv_max_diff"].values()) < 1e-5
+    runs = {(r["task"], r["system"]): r for r in result["results"]}
+    assert set(runs) == {(t, s) for t in ("deblur", "mri") for s in systems}
+    for task in ("deblur", "mri"):
+        pgd, irim = runs[task, "dinv-pgd"], runs[task, "irim-adjoint"]
+        assert "error" not in pgd and math.isfinite(pgd["psnr"])
+        assert abs(pgd["params"] - irim["params"]) <= 0.1 * irim["params"]  # equal size
+        assert math.isfinite(runs[task, "tv"]["psnr"]) and runs[task, "tv"]["weight"] > 0
+
+
+def test_unrolled_vs_deepinv_physics_are_adjoint():
+    """<A x, y> = <x, A^T y> for both tasks' physics (float64)."""
+    torch.manual_seed(0)
+    for physics in (unrolled_vs_deepinv.Deblur(), unrolled_vs_deepinv.CartesianMRI()):
+        x = torch.randn(2, physics.n_model, 32, 32, dtype=torch.float64)
+        y = torch.randn(2, physics.n_model, 32, 32, dtype=torch.float64)
+        lhs, rhs = (physics.A(x) * y).sum(), (x * physics.A_adjoint(y)).sum()
+        assert torch.allclose(lhs, rhs, rtol=1e-12)
