@@ -30,6 +30,7 @@ test: bench-deps
 bench-deps: install
 	$(PIP) install --quiet --no-deps normflows==1.7.3 memcnn==1.5.2
 	$(PIP) install --quiet --no-deps -c constraints.txt deepinv torchvision torchmetrics einops natsort h5py
+	$(PIP) install --quiet -c constraints.txt requests  # imported by deepinv; pure Python
 
 # the CPU runs reported in BENCHMARKS.md (about 45 minutes on 2 cores; see benchmarks/README.md)
 bench: bench-deps

@@ -354,7 +354,7 @@ def test_deepinv_physics_inside_the_loop():
         pytest.skip("deepinv is not installed (an optional benchmark peer)")
     from deepinv.physics.functional.blur import gaussian_blur
 
-    physics = dinv.physics.Blur(gaussian_blur(sigma=1.0), padding="circular")
+    physics = dinv.physics.Blur(gaussian_blur(sigma=(1.0, 1.0)), padding="circular")
     eta, s, _ = make_inputs((N, N))
     truth = torch.rand(2, 1, N, N, dtype=F64)
     d = physics.A(truth.float()).double()
