@@ -318,6 +318,12 @@ def test_taylor_parameter_gradients(setup):
     *_, dtheta, eta_in, s_in, dd = loop.vjp(*cotangents_of(eta_out, s_out, w), eta_out, s_out, d, J)
     assert all(p.grad is None for p in params)  # vjp leaves p.grad alone
     assert len(dtheta) == len(params)
+    parameter_taylor_test(loop, J, eta, s, d, w, dtheta)
+
+
+def parameter_taylor_test(loop, J, eta, s, d, w, dtheta) -> None:
+    """Taylor test of ``loss_of`` in the loop's parameters against the cotangents ``dtheta``."""
+    params = list(loop.parameters())
     point = [p.detach().clone() for p in params]
 
     def f(*values):

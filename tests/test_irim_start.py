@@ -28,6 +28,7 @@ from test_irim import (
     make_inputs,
     make_physics,
     memory_free_grads,
+    parameter_taylor_test,
     rel,
 )
 
@@ -90,22 +91,10 @@ def test_taylor_in_every_input_and_the_parameters(setup):
     with pytest.raises(AssertionError, match="convergence rates"):  # the test has teeth
         gradient_test(f, [eta, s, d], [deta, ds, 1.1 * dd], direction=only_d, h0=H0)
 
-    params = list(loop.parameters())
     with torch.no_grad():
         eta_out, s_out = loop(eta, s, d, J)
     *_, dtheta, _, _, _ = loop.vjp(*cotangents_of(eta_out, s_out, w), eta_out, s_out, d, J)
-    point = [p.detach().clone() for p in params]
-
-    def g(*values):
-        with torch.no_grad():
-            for p, v in zip(params, values):
-                p.copy_(v)
-            out = loss_of(*loop(eta, s, d, J), w)
-            for p, v in zip(params, point):
-                p.copy_(v)
-        return out
-
-    gradient_test(g, point, list(dtheta), h0=H0)
+    parameter_taylor_test(loop, J, eta, s, d, w, dtheta)
 
 
 # ------------------------------------------------------------------------------ the starts
