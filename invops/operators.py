@@ -451,25 +451,20 @@ def _physics_operator(physics, ms, ds, real_model, is_complex, ndim) -> Operator
         """The physics with its floating-point tensors at ``like``'s precision and device."""
         if module is None:
             return physics
-        real = torch.float32 if like.dtype in (torch.float32, torch.complex64) else torch.float64
-        key = (like.device, real)
+        key = (like.device, like.dtype in (torch.float32, torch.complex64))
         if key not in copies:
-            floats = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
-            complexes = [t for t in (*module.parameters(), *module.buffers()) if t.is_complex()]
-            if all(t.dtype == real and t.device == like.device for t in floats) and all(
-                t.dtype == real.to_complex() and t.device == like.device for t in complexes
-            ):
+            # real tensors at the batch's precision, complex ones complex (_matching_dtype)
+            def target(t: torch.Tensor) -> torch.dtype:
+                numeric = t.is_floating_point() or t.is_complex()
+                return _matching_dtype(t, like) if numeric else t.dtype
+
+            tensors = [*module.parameters(), *module.buffers()]
+            if all(t.dtype == target(t) and t.device == like.device for t in tensors):
                 copies[key] = physics  # already there: no copy
             else:
-                # detached copies at the batch's precision (complex tensors stay complex)
-                def cast(t: torch.Tensor) -> torch.Tensor:
-                    if t.is_complex():
-                        return t.detach().to(like.device, real.to_complex())
-                    if t.is_floating_point():
-                        return t.detach().to(like.device, real)
-                    return t.to(like.device)
-
-                copies[key] = copy.deepcopy(module)._apply(cast)
+                copies[key] = copy.deepcopy(module)._apply(
+                    lambda t: t.detach().to(like.device, target(t))
+                )
         return copies[key]
 
     def checked(out: Any, inp: torch.Tensor, which: str) -> Any:
