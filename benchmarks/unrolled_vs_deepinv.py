@@ -16,6 +16,11 @@ Every learned system runs 6 iterations with about 60k parameters, trained for ``
 Adam steps (1500) on batches of 8 on the same stream of training images and noise (drawn from
 the seed, the same for every system), mean squared error of the final estimate:
 
+- ``irim-proximal``: ``invops.NetworkLoop(type="proximal", init="steepest")``, invops'
+  recommended configuration: each iteration takes a gradient step on the data fit and corrects
+  it with a full-resolution conditioner through a damped velocity (an invertible proximal
+  gradient step with memory); ``irim-proximal-tied`` the same with one conditioner shared by
+  every iteration (wider);
 - ``irim-zero``: ``invops.NetworkLoop`` (additive i-RIM, one set of conditioner weights per
   iteration) started from zero;
 - ``irim-adjoint``: the same, started from ``w * A^T d`` (``init="adjoint"``, ``w`` learned);
@@ -96,11 +101,19 @@ IRIM_HIDDEN = {
     ("mri", "tied"): 76,
     ("deblur", "fullres"): 31,
     ("mri", "fullres"): 31,
+    ("deblur", "proximal"): 31,
+    ("mri", "proximal"): 30,
+    ("deblur", "proximal-tied"): 80,
+    ("mri", "proximal-tied"): 79,
 }
 DNCNN = {"untied": (6, 16), "tied": (8, 32)}  # (depth, width)
 LEARNING_RATES = {"irim": 3e-3, "dinv": 3e-3}  # best of 1e-3, 3e-3, 1e-2 at 200 steps
+# deepinv's DEQ diverged at 3e-3 (deblurring, seed 0: loss 870 after 1500 steps)
+SYSTEM_LEARNING_RATES = {"dinv-deq": 1e-3}
 
 SYSTEMS = (
+    "irim-proximal",
+    "irim-proximal-tied",
     "irim-zero",
     "irim-adjoint",
     "irim-steepest",
@@ -114,7 +127,7 @@ SYSTEMS = (
 BASELINES = ("adjoint", "tikhonov", "tv")
 NEEDS_DEEPINV = {"dinv-pgd", "dinv-pgd-tied", "dinv-deq", "tv"}
 MEMORY_ITERATIONS = (2, 4, 8, 16, 32)
-MEMORY_SYSTEMS = ("irim-steepest", "irim-steepest-tied", "dinv-pgd", "dinv-deq")
+MEMORY_SYSTEMS = ("irim-proximal", "irim-steepest", "irim-steepest-tied", "dinv-pgd", "dinv-deq")
 
 
 # ------------------------------------------------------------------------------ data
@@ -285,16 +298,28 @@ def _irim_module():
         """
 
         def __init__(
-            self, task: str, iterations: int, init: str, tied: bool, full_resolution: bool
+            self,
+            task: str,
+            iterations: int,
+            init: str,
+            tied: bool,
+            full_resolution: bool,
+            proximal: bool = False,
         ) -> None:
             super().__init__()
             self.n_model = 1 if task == "deblur" else 2
-            self.n_memory = IRIM_MEMORY[task]
+            # the proximal iteration's memory is its velocity, one channel per model channel
+            self.n_memory = self.n_model if proximal else IRIM_MEMORY[task]
             kind = "fullres" if full_resolution else "tied" if tied else "untied"
+            if proximal:
+                kind = "proximal-tied" if tied else "proximal"
             hidden = IRIM_HIDDEN[task, kind]
             # the default conditioners work at a quarter of the resolution (InvertibleNetworks.jl's
-            # i-RIM); "fullres" gives them 3x3 convolutions at full resolution, as a DnCNN has
+            # i-RIM); "fullres" gives them 3x3 convolutions at full resolution, as a DnCNN has;
+            # the proximal iteration's default conditioners are full-resolution already
             options: dict = dict(k1=3, p1=1, s1=1) if full_resolution else {}
+            if proximal:
+                options["type"] = "proximal"
             if tied and "tied" not in native:
                 raise RuntimeError("this invops has no NetworkLoop(tied=...): update invops")
             if tied:
@@ -337,9 +362,10 @@ def _irim_module():
 def build(system: str, task: str, iterations: int = ITERATIONS, dinv=None):
     """The model ``f`` of a system: ``x = f(d, physics)`` with ``physics`` the system's kind."""
     if system.startswith("irim"):
-        init = system.split("-")[1]
+        proximal = system.startswith("irim-proximal")
+        init = "steepest" if proximal else system.split("-")[1]
         return _irim_module()(
-            task, iterations, init, system.endswith("tied"), system.endswith("fullres")
+            task, iterations, init, system.endswith("tied"), system.endswith("fullres"), proximal
         )
     n_channels = 1 if task == "deblur" else 2
     tied = system != "dinv-pgd"
@@ -421,7 +447,7 @@ def train(
         loss.backward()
         optimizer.step()
         times.append(time.perf_counter() - start)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"{system}: loss {losses[-1]} at step {step}")
         bar.update(1)
@@ -570,15 +596,18 @@ def step_memory(system: str, task: str, iterations: int, dinv) -> dict:
     }
 
 
-def plain_vs_memory_free(task: str, repeats: int) -> dict:
-    """Median training-step time of the i-RIM, memory-free and under plain autograd."""
+TIMED_SYSTEMS = ("irim-zero", "irim-proximal")
+
+
+def plain_vs_memory_free(task: str, repeats: int, system: str = "irim-zero") -> dict:
+    """Median training-step time of an i-RIM, memory-free and under plain autograd."""
     import torch
 
     physics = make_physics(task)
     torch.manual_seed(0)
-    model = build("irim-zero", task)
+    model = build(system, task)
     x, d = training_batch(physics, 0, 0)
-    out = {"task": task}
+    out = {"task": task, "system": system}
     for plain in (False, True):
         model.plain = plain
         for _ in range(2):
@@ -686,7 +715,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "test_images": args.test_images,
                 "validation_images": n_validation,
                 "noise": NOISE,
-                "learning_rates": lrs,
+                "learning_rates": lrs if args.lr else lrs | SYSTEM_LEARNING_RATES,
                 "irim_hidden": {"/".join(k): v for k, v in IRIM_HIDDEN.items()},
                 "irim_memory": IRIM_MEMORY,
                 "dncnn_depth_width": DNCNN,
@@ -715,6 +744,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 if (task, system, seed) in done:
                     continue
                 lr = lrs["irim" if system.startswith("irim") else "dinv"]
+                if not args.lr:
+                    lr = SYSTEM_LEARNING_RATES.get(system, lr)
                 r = evaluate_system(
                     system, task, seed, args.steps, lr, test, dinv, not args.no_progress
                 )
@@ -740,7 +771,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for n in args.memory_iterations
         ]
         irim = any(s.startswith("irim") for s in systems)
-        timing = [plain_vs_memory_free(task, args.repeats) for task in tasks] if irim else []
+        timing = [
+            plain_vs_memory_free(task, args.repeats, system)
+            for task in tasks
+            for system in TIMED_SYSTEMS
+            if irim
+        ]
     final = payload(memory, timing)
     report(final, tasks)
     write_json(path, final)
@@ -834,10 +870,11 @@ def report(payload: dict, tasks: Sequence[str]) -> None:
         print("\n### i-RIM training step at 6 iterations: memory-free against plain autograd")
         print(
             markdown_table(
-                ("task", "memory-free (ms)", "plain autograd (ms)", "ratio"),
+                ("task", "system", "memory-free (ms)", "plain autograd (ms)", "ratio"),
                 [
                     (
                         t["task"],
+                        t.get("system", "irim-zero"),
                         fmt(t["memory_free_ms"], 1),
                         fmt(t["plain_ms"], 1),
                         fmt(t["memory_free_ms"] / t["plain_ms"]),

@@ -200,8 +200,16 @@ QUICK = ["--quick", "--threads", "1", "--no-progress", "--seeds", "0"]
 def test_unrolled_vs_deepinv_without_deepinv(tmp_path, capsys, monkeypatch):
     # deepinv counts as absent here whether or not it is installed
     monkeypatch.setattr(unrolled_vs_deepinv, "import_deepinv", lambda: None)
-    systems = ["irim-zero", "irim-adjoint", "dinv-pgd", "tikhonov", "tv", "adjoint"]
-    memory = ["irim-steepest", *(["irim-steepest-tied"] if _TIED else [])]
+    systems = [
+        "irim-proximal",
+        "irim-zero",
+        "irim-adjoint",
+        "dinv-pgd",
+        "tikhonov",
+        "tv",
+        "adjoint",
+    ]
+    memory = ["irim-proximal", "irim-steepest", *(["irim-steepest-tied"] if _TIED else [])]
     args = [*QUICK, "--task", "deblur", "--systems", *systems, "--memory-systems", *memory]
     out = run(unrolled_vs_deepinv.main, args, tmp_path, capsys)
 
@@ -211,10 +219,10 @@ def test_unrolled_vs_deepinv_without_deepinv(tmp_path, capsys, monkeypatch):
     result = json.loads((tmp_path / "unrolled_vs_deepinv_quick.json").read_text())
     assert set(result["skipped"]) == {"dinv-pgd", "dinv-pgd-tied", "dinv-deq", "tv"}
     runs = {r["system"]: r for r in result["results"]}
-    assert set(runs) == {"irim-zero", "irim-adjoint", "tikhonov", "adjoint"}
+    assert set(runs) == {"irim-proximal", "irim-zero", "irim-adjoint", "tikhonov", "adjoint"}
     for r in runs.values():
         assert "error" not in r and math.isfinite(r["psnr"]) and -1 <= r["ssim"] <= 1
-    for system in ("irim-zero", "irim-adjoint"):  # about 60k parameters, as the DnCNNs
+    for system in ("irim-proximal", "irim-zero", "irim-adjoint"):  # ~60k parameters, as DnCNNs
         assert 54_000 <= runs[system]["params"] <= 66_000
         assert runs[system]["step_ms"] > 0
     # a tuned Tikhonov is no worse than its own weakest weight, and beats the plain adjoint
@@ -222,14 +230,14 @@ def test_unrolled_vs_deepinv_without_deepinv(tmp_path, capsys, monkeypatch):
     assert runs["tikhonov"]["psnr"] > runs["adjoint"]["psnr"]
     assert {m["system"] for m in result["memory"]} == set(memory)
     assert all(m["peak_mb"] > 0 for m in result["memory"])
-    (timing,) = result["timing"]
-    assert timing["memory_free_ms"] > 0 and timing["plain_ms"] > 0
+    assert {t["system"] for t in result["timing"]} == {"irim-zero", "irim-proximal"}
+    assert all(t["memory_free_ms"] > 0 and t["plain_ms"] > 0 for t in result["timing"])
     assert (tmp_path / "unrolled_vs_deepinv_quick.png").stat().st_size > 0
 
 
 @pytest.mark.skipif(import_deepinv() is None, reason="deepinv not installed")
 def test_unrolled_vs_deepinv_with_deepinv(tmp_path, capsys):
-    systems = ["irim-adjoint", "dinv-pgd", "dinv-deq", "tv"]
+    systems = ["irim-proximal", "irim-adjoint", "dinv-pgd", "dinv-deq", "tv"]
     args = [*QUICK, "--task", "both", "--systems", *systems, "--no-cost"]
     out = run(unrolled_vs_deepinv.main, args, tmp_path, capsys)
 
@@ -241,9 +249,10 @@ def test_unrolled_vs_deepinv_with_deepinv(tmp_path, capsys):
     runs = {(r["task"], r["system"]): r for r in result["results"]}
     assert set(runs) == {(t, s) for t in ("deblur", "mri") for s in systems}
     for task in ("deblur", "mri"):
-        pgd, irim = runs[task, "dinv-pgd"], runs[task, "irim-adjoint"]
+        pgd = runs[task, "dinv-pgd"]
         assert "error" not in pgd and math.isfinite(pgd["psnr"])
-        assert abs(pgd["params"] - irim["params"]) <= 0.1 * irim["params"]  # equal size
+        for irim in (runs[task, "irim-adjoint"], runs[task, "irim-proximal"]):
+            assert abs(pgd["params"] - irim["params"]) <= 0.1 * irim["params"]  # equal size
         assert math.isfinite(runs[task, "tv"]["psnr"]) and runs[task, "tv"]["weight"] > 0
 
 

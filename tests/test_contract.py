@@ -39,7 +39,8 @@ Case = tuple[Callable[[], InvertibleModule], tuple[int, ...], tuple[tuple[int, .
 
 def _loop(**options) -> InvertibleModule:
     op = pylops.MatrixMult(np.random.default_rng(4).standard_normal((6, 16)))
-    loop = invops.NetworkLoop(3, 4, maxiter=2, link="softplus", k1=3, p1=1, s1=1, **options)
+    n_in, conv = (2, {}) if options.get("type") == "proximal" else (3, dict(k1=3, p1=1, s1=1))
+    loop = invops.NetworkLoop(n_in, 4, maxiter=2, link="softplus", **conv, **options)
     return loop.bind(invops.operators.as_operator(op, model_shape=(4, 4)))
 
 
@@ -139,6 +140,9 @@ REGISTRY: dict[str, list[Case]] = {
         # the start from the data (differentiated in d in every mode) and tied conditioners
         (lambda: _loop(init="steepest", tied=True), (2, 3, 4, 4), ((2, 6),)),
         (lambda: _loop(init="adjoint", tied=True, type="hint"), (2, 3, 4, 4), ((2, 6),)),
+        # the proximal iteration: a gradient step, a damped velocity, full-resolution ReLU nets
+        (lambda: _loop(type="proximal", init="steepest"), (2, 2, 4, 4), ((2, 6),)),
+        (lambda: _loop(type="proximal", tied=True), (2, 2, 4, 4), ((2, 6),)),
     ],
 }
 

@@ -385,5 +385,5 @@ def test_data_consistent_start_does_not_blow_up_the_normalisation():
         optimizer.step()
     data_scale = float((d @ A).std())
     for step in loop.steps.layers[1::2]:  # the data-fit couplings
-        scale = float(torch.exp(step.subnet.normalize.log_scale))
+        scale = float(torch.exp(step.subnet.normalize.log_scale.detach()))
         assert 0.1 / data_scale < scale < 10 / data_scale

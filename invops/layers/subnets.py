@@ -147,7 +147,7 @@ def subnet_factory(
     owner: str,
     n_hidden: int,
     ndim: int,
-    defaults: dict[str, int],
+    defaults: dict[str, Any],
     options: dict[str, Any],
 ) -> Subnet:
     """``subnet`` itself, or the :class:`SubnetFactory` a layer builds from its own arguments.
