@@ -8,7 +8,10 @@ degrees, built from PyLops' ``Radon2D`` slant stacks (``invops.physics.ct_operat
 additive Gaussian noise of 5% of the mean sinogram value (the noise level of Adler and Oktem's
 learned primal-dual ellipse benchmark).
 
-The i-RIM (``invops.NetworkLoop(4, 16, 6)``, one real model channel) applies the projector and
+The i-RIM (``invops.NetworkLoop(2, 16, 6, type="proximal", step_size=1 / |A|^2)``, one real
+model channel: each iteration takes a gradient step on the data fit and corrects it with a
+full-resolution conditioner through a damped velocity; ``--type additive`` gives Putzky and
+Welling's i-RIM, ``NetworkLoop(4, 16, 6)``) applies the projector and
 its adjoint inside each of its 6 unrolled iterations as ``invops.physics.TorchCT`` (torch sparse
 products; the tests prove it equal to the ``Radon2D`` operator). It starts from the scaled
 back-projection :math:`\\alpha A^T d` (passed as the input state ``eta``; :math:`\\alpha` fitted
@@ -267,7 +270,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=6, help="unrolled i-RIM iterations")
     parser.add_argument("--hidden", type=int, default=16)
-    parser.add_argument("--memory", type=int, default=3, help="memory channels of the i-RIM")
+    parser.add_argument(
+        "--type",
+        choices=("proximal", "additive"),
+        default="proximal",
+        help="i-RIM iteration: the proximal one (a gradient step corrected through a damped "
+        "velocity) or Putzky and Welling's additive one",
+    )
+    parser.add_argument(
+        "--memory", type=int, default=3, help="memory channels of the additive i-RIM"
+    )
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument(
         "--start-iterations",
@@ -315,7 +327,13 @@ def main(argv: list[str] | None = None) -> dict:
     fit = min(256, len(train))
     backproj = (A.T @ train_d[:fit].reshape(fit, -1).T).T
     alpha = float((backproj * train[:fit].reshape(fit, -1)).sum() / (backproj**2).sum())
-    net = invops.NetworkLoop(1 + args.memory, args.hidden, args.iterations, k1=3, p1=1, s1=1)
+    if args.type == "proximal":  # gradient steps of 1 / |A|^2 at first, the velocity as memory
+        norm2 = float(scipy.sparse.linalg.svds(A, k=1, return_singular_vectors=False)[0]) ** 2
+        net = invops.NetworkLoop(
+            2, args.hidden, args.iterations, type="proximal", step_size=1.0 / norm2
+        )
+    else:
+        net = invops.NetworkLoop(1 + args.memory, args.hidden, args.iterations, k1=3, p1=1, s1=1)
     net = net.to(device)
 
     def start_of(d_t: torch.Tensor) -> torch.Tensor:
@@ -326,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     def run(d: np.ndarray) -> torch.Tensor:
         d_t = torch.as_tensor(d, dtype=dtype, device=device)
         eta = start_of(d_t)[:, None]
-        s = torch.zeros(len(d), args.memory, n, n, dtype=dtype, device=device)
+        s = torch.zeros(len(d), net.n_in - 1, n, n, dtype=dtype, device=device)
         return net(eta, s, d_t, J)[0][:, 0]
 
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)

@@ -11,8 +11,12 @@ sampled centre of 0.32/R of the lines, a new mask per scan: ``invops.physics.car
 with complex Gaussian k-space noise of standard deviation 0.01 (the image magnitude is at most
 about 1.3, brain tissue about 0.2-0.3).
 
-One i-RIM (``invops.NetworkLoop(6, 16, 6, n_model=2, complex_model=True)``: the complex image
-is carried as real and imaginary channels) is trained for both accelerations at once: every
+One i-RIM (``invops.NetworkLoop(4, 16, 6, n_model=2, complex_model=True, type="proximal")``:
+the complex image is carried as real and imaginary channels; each iteration takes a gradient
+step on the data fit and corrects it with a full-resolution conditioner through a damped
+velocity, the iteration that beat deepinv's unrolled PGD in ``benchmarks/unrolled_vs_deepinv.py``;
+``--type additive`` gives Putzky and Welling's i-RIM, ``NetworkLoop(6, 16, 6, ...)`` with 4
+memory channels) is trained for both accelerations at once: every
 batch mixes scans with their own masks and coil maps, applied as ONE batched torch-FFT operator
 (``invops.physics.TorchMRI`` with stacked masks and coils). The loop starts from the zero-filled
 image :math:`A^H d` (passed as the input state ``eta``; the memory starts at zero) and calls
@@ -379,7 +383,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=6, help="unrolled i-RIM iterations")
     parser.add_argument("--hidden", type=int, default=16)
-    parser.add_argument("--memory", type=int, default=4, help="memory channels of the i-RIM")
+    parser.add_argument(
+        "--type",
+        choices=("proximal", "additive"),
+        default="proximal",
+        help="i-RIM iteration: the proximal one (a gradient step corrected through a damped "
+        "velocity) or Putzky and Welling's additive one",
+    )
+    parser.add_argument(
+        "--memory", type=int, default=4, help="memory channels of the additive i-RIM"
+    )
     parser.add_argument("--lr", type=float, default=2e-3)
     add_run_options(parser, "irim_mri")
     args = parser.parse_args(argv)
@@ -415,16 +428,22 @@ def main(argv: list[str] | None = None) -> dict:
     job = (tune_truth, tune_scans, test_scans, args.cg_max, args.tv_weights, args.tv_outer)
     pending = None if args.sequential else in_background(run_baselines, *job)
 
-    net = invops.NetworkLoop(
-        2 + args.memory,
-        args.hidden,
-        args.iterations,
-        n_model=2,
-        complex_model=True,
-        k1=3,
-        p1=1,
-        s1=1,
-    ).to(device)
+    if args.type == "proximal":  # the memory is a velocity, one channel per model channel
+        net = invops.NetworkLoop(
+            4, args.hidden, args.iterations, n_model=2, complex_model=True, type="proximal"
+        )
+    else:
+        net = invops.NetworkLoop(
+            2 + args.memory,
+            args.hidden,
+            args.iterations,
+            n_model=2,
+            complex_model=True,
+            k1=3,
+            p1=1,
+            s1=1,
+        )
+    net = net.to(device)
     steps, train_time = train_irim(net, train_phantoms, args, device, dtype)
 
     recon: dict = {}

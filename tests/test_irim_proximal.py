@@ -9,6 +9,7 @@ data ``d`` differentiated too, and start as the heavy-ball method it generalises
 
 from __future__ import annotations
 
+import numpy as np
 import pylops
 import pytest
 import torch
@@ -133,13 +134,15 @@ def test_complex_model_under_mri():
     check_invertible(bound, x, d)
     errors = check_against_autograd(bound, x, d, rtol=1e-8, jvp_oracle="forward_ad")
     assert errors["backward:cond0"] <= 1e-8
+    for wrt in ("input", "params"):
+        assert dottest(loop.jacobian(eta, s, d, J, wrt=wrt), rtol=1e-10)
 
 
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
         (dict(n_in=3), ValueError, r"type='proximal' .* n_in must be 2 \* n_model = 2"),
-        (dict(step_size="1"), TypeError, "step_size must be a number"),
+        (dict(step_size="1"), TypeError, "step_size must be a real number"),
         (dict(type="gradient"), ValueError, "type must be one of"),
     ],
 )
@@ -157,3 +160,43 @@ def test_default_conditioner_is_full_resolution_relu():
     assert conditioner.activation is torch.nn.functional.relu
     x = torch.randn(1, 1, 4, 4)
     assert conditioner(x).shape == (1, 2, 4, 4)  # works at any size, no downsampling
+
+
+def test_physical_model_and_input_errors():
+    loop = NetworkLoop(2, 4, maxiter=2, link="softplus", type="proximal").double()
+    eta = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    assert rel(loop.physical_model(eta), torch.nn.functional.softplus(eta[:, 0])) < 1e-15
+    with pytest.raises(TypeError, match=r"without tied=True\): needs several conditioners"):
+        NetworkLoop(2, 4, maxiter=2, type="proximal", subnet=torch.nn.Conv2d(1, 2, 3, padding=1))
+    one = NetworkLoop(2, 4, maxiter=2, type="proximal", tied=True, subnet=torch.nn.Conv2d(1, 3, 1))
+    J, _, ds = make_physics("matrix")
+    eta, s, d = make_inputs(ds)
+    with pytest.raises(ValueError, match=r"must return 2 \* n_model = 2 channels"):
+        one.double()(eta, s[:, :1], d, J)
+    for bad, error in ((0.0, ValueError), (float("nan"), ValueError), ("1", TypeError)):
+        with pytest.raises(error, match="step_size must be"):
+            NetworkLoop(2, 4, maxiter=2, type="proximal", step_size=bad)
+    with pytest.raises(ValueError, match="step_size is the proximal iteration's"):
+        NetworkLoop(3, 4, maxiter=2, step_size=0.5)
+
+
+@pytest.mark.parametrize("shape", [(6,), (2, 3, 2)], ids=["1d", "3d"])
+def test_one_and_three_dimensional_models_with_one_operator_per_sample(shape):
+    rng = np.random.default_rng(2)
+    n = int(np.prod(shape))
+    J = [
+        as_operator(pylops.MatrixMult(rng.standard_normal((5, n))), model_shape=shape)
+        for _ in range(2)
+    ]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, *shape, generator=gen, dtype=torch.float64)
+    d = torch.randn(2, 5, generator=gen, dtype=torch.float64)
+    torch.manual_seed(0)
+    loop = NetworkLoop(2, 3, maxiter=2, type="proximal", ndim=len(shape), init="adjoint")
+    loop = loop.double()
+    randomize_parameters(loop, 0.1)
+    bound = loop.bind(J)
+    check_invertible(bound, x, d)
+    errors = check_against_autograd(bound, x, d, rtol=1e-8, jvp_oracle="forward_ad")
+    assert errors["backward:cond0"] <= 1e-8
+    assert dottest(loop.jacobian(x[:, :1], x[:, 1:], d, J, wrt="both"), rtol=1e-10)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -17,7 +19,14 @@ from ..layers.coupling import Coupling
 from ..layers.coupling_hint import CouplingLayerHINT
 from ..layers.coupling_irim import CouplingLayerIRIM
 from ..layers.laws import Affine
-from ..layers.subnets import IRIM_CONV, RESIDUAL_CONV, Subnet, build_subnet, subnet_factory
+from ..layers.subnets import (
+    IRIM_CONV,
+    RESIDUAL_CONV,
+    Subnet,
+    build_subnet,
+    require_factory,
+    subnet_factory,
+)
 from ..module import Block, Chain, InvertibleModule
 from ..nonlinear import NonlinearOperator
 from ..operators import Operator, apply_adjoint, apply_operator, as_operator
@@ -507,6 +516,12 @@ class _ProximalStep(_DataFit):
         self.gate = torch.nn.Parameter(torch.full((n_model,), _GATE_START))
 
     def _coefficients(self, h: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        if h.ndim < 2 or h.shape[1] != 2 * self.n_model:
+            got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+            raise ValueError(
+                f"NetworkLoop: the proximal iteration's conditioner must return "
+                f"2 * n_model = {2 * self.n_model} channels (gate and shift), got {got}"
+            )
         a, t = h.chunk(2, dim=1)
         return torch.cat((a + self.gate.view(1, -1, *(1,) * (a.ndim - 2)), t - shift), dim=1)
 
@@ -689,7 +704,8 @@ class NetworkLoop(NonlinearOperator):
     tied : bool
         Share one set of conditioner weights between all iterations (a recurrent network of
         ``maxiter`` steps); each iteration keeps its own 1x1 convolution and the ActNorm of its
-        data-fit gradient. Gradients of the shared weights are summed over the iterations.
+        data-fit gradient (``type="proximal"``: its own step, gate offset and output weight).
+        Gradients of the shared weights are summed over the iterations.
     step_size : float
         ``type="proximal"``: the first value of every iteration's gradient step :math:`\tau`
         (learned, one per physical channel). 1 suits operators of norm at most 1 (a normalised
@@ -719,26 +735,30 @@ class NetworkLoop(NonlinearOperator):
         v \leftarrow S(a + b_j) \odot v + (z - \eta) + t, \qquad
         \eta \leftarrow \eta + w_j \odot v,
 
-    with :math:`g_j` the data-fit gradient below, :math:`R_j` the conditioner (full resolution,
-    :math:`2\,n_{model}` output channels), :math:`S` the bounded scale of
-    :class:`~invops.layers.laws.Affine` (in :math:`(0.5, 2)`) and :math:`\tau_j, b_j, w_j`
-    learned per channel (:math:`\tau_j` starts at ``step_size``, :math:`b_j` at -3, so
-    :math:`S = 0.54`, :math:`w_j` at 1). The velocity's update is an affine coupling of
-    :math:`v` conditioned on :math:`\eta` and :math:`d`, the estimate's an additive coupling
-    conditioned on :math:`v`: every iteration is invertible, and its inverse amplifies errors
-    by at most 2 (the scale's lower bound), so states recomputed by inversion in float32 stay
-    accurate. With :math:`S \to 0` this is a proximal gradient step with a learned residual
-    correction (:math:`\eta \leftarrow z + t(z)`, deepinv's unrolled PGD with a residual
-    denoiser); a fresh loop (conditioners at zero) is the heavy-ball method with step
-    ``step_size`` and momentum 0.54. The conditioner reads the corrected estimate itself at
-    full resolution, which is what the additive i-RIM's coupling cannot do: there the estimate
-    is updated from a rotated half of the state through quarter-resolution conditioners. On
-    ``benchmarks/unrolled_vs_deepinv.py`` it is the configuration that beats deepinv's unrolled
-    PGD at equal parameters and training steps (see ``BENCHMARKS.md``). Its default
-    conditioners use ReLU, which trained better than smooth activations there; in float32 a
-    few pre-activations recomputed by inversion then fall on the other side of the kink, and
-    memory-free gradients agree with plain autograd's to about :math:`10^{-3}` (relative)
-    rather than :math:`10^{-6}`; pass ``activation=`` a smooth function if that matters.
+    with :math:`g_j = \mathrm{Re}\,J^H(J\psi(\eta) - d)` the data-fit gradient below (the
+    gradient with respect to the physical model :math:`\psi(\eta)`, as in the additive loop:
+    the gradient in :math:`\eta` for the identity link), :math:`R_j` the conditioner (full
+    resolution, :math:`2\,n_{model}` output channels), :math:`S` the bounded scale of
+    :class:`~invops.layers.laws.Affine` (in :math:`(0.5, 2)`), :math:`\tau_j` learned per
+    physical channel (a complex channel's parts share it) and :math:`b_j, w_j` per real channel;
+    :math:`\tau_j` starts at ``step_size``, :math:`b_j` at -3 (:math:`S = 0.54`), :math:`w_j`
+    at 1. The velocity's update is an affine coupling of :math:`v` conditioned on :math:`\eta`
+    and :math:`d`, the estimate's an additive coupling conditioned on :math:`v`, so every
+    iteration is invertible; inverting the velocity's update divides by :math:`S \ge 0.5`
+    (never by a vanishing gate). Without the memory term :math:`S\,v` (the first iteration,
+    where :math:`v = 0`) and with :math:`w_j = 1` the update is
+    :math:`\eta \leftarrow z + t(z)`: a gradient step and a learned residual correction,
+    deepinv's unrolled PGD with a residual denoiser; later iterations add the learned momentum. A fresh loop (conditioners at zero) with the identity
+    link is the heavy-ball method with step ``step_size`` and momentum 0.54. The conditioner
+    reads the corrected estimate itself at full resolution, which the additive i-RIM cannot do:
+    there the estimate is updated from a rotated half of the state through quarter-resolution
+    conditioners. On ``benchmarks/unrolled_vs_deepinv.py`` it is the configuration that beats
+    deepinv's unrolled PGD at equal parameters and training steps (see ``BENCHMARKS.md``). Its
+    default conditioners use ReLU, which trained better than smooth activations there; in
+    float32 a few pre-activations recomputed by inversion then fall on the other side of the
+    kink, and memory-free gradients agree with plain autograd's to about :math:`10^{-3}`
+    (relative) rather than :math:`10^{-6}`; pass ``activation=`` a smooth function if that
+    matters.
 
     **Additive and HINT iterations.** Iteration :math:`j` computes the data-fit gradient and
     injects it into the memory, then applies an invertible step :math:`L_j`:
@@ -838,8 +858,8 @@ class NetworkLoop(NonlinearOperator):
         if n_in < 2 * n_model:
             raise ValueError(
                 f"NetworkLoop: n_in must be >= 2 * n_model = {2 * n_model} (eta has n_model "
-                f"channels and the memory at least n_model, where the data-fit gradient is "
-                f"injected), got n_in={n_in} with n_model={n_model}"
+                f"channels and the memory at least n_model: the injected data-fit gradient, or "
+                f"the proximal iteration's velocity), got n_in={n_in} with n_model={n_model}"
             )
         if maxiter < 1:
             raise ValueError(f"NetworkLoop: maxiter must be >= 1, got {maxiter}")
@@ -850,9 +870,16 @@ class NetworkLoop(NonlinearOperator):
                 f"NetworkLoop: type='proximal' carries one velocity channel per model channel, "
                 f"so n_in must be 2 * n_model = {2 * n_model}, got n_in={n_in}"
             )
-        if isinstance(step_size, bool) or not isinstance(step_size, (int, float)):
+        if isinstance(step_size, bool) or not isinstance(step_size, numbers.Real):
             raise TypeError(
-                f"NetworkLoop: step_size must be a number, got {step_size.__class__.__name__}"
+                f"NetworkLoop: step_size must be a real number, got {step_size.__class__.__name__}"
+            )
+        if not (math.isfinite(step_size) and step_size > 0):
+            raise ValueError(f"NetworkLoop: step_size must be finite and > 0, got {step_size}")
+        if step_size != 1.0 and type != "proximal":
+            raise ValueError(
+                f"NetworkLoop: step_size is the proximal iteration's (type='proximal'), "
+                f"got step_size={step_size} with type={type!r}"
             )
         if ndim not in (1, 2, 3):
             raise ValueError(f"NetworkLoop: ndim must be 1, 2 or 3, got {ndim}")
@@ -878,6 +905,8 @@ class NetworkLoop(NonlinearOperator):
         psi = link_function(link, n_model // 2 if magnitude else n_model)
         conv = _PROXIMAL_CONV if type == "proximal" else IRIM_CONV
         factory = subnet_factory(subnet, "NetworkLoop", n_hidden, ndim, conv, subnet_options)
+        if not tied and maxiter > 1:  # one module in every iteration would tie them silently
+            require_factory(factory, "NetworkLoop (without tied=True)")
         tied_factory = _TiedSubnets(factory) if tied else None
         steps: list[InvertibleModule] = []
         if self.init != "zero":
@@ -964,7 +993,7 @@ class NetworkLoop(NonlinearOperator):
                 f"NetworkLoop: eta must be (B, {self.n_model}, {', '.join('*' * self.ndim)}), "
                 f"got shape {tuple(eta_t.shape)}"
             )
-        data_fit = next(m for m in self.steps.modules() if isinstance(m, _DataFitGradient))
+        data_fit = next(m for m in self.steps.modules() if isinstance(m, _DataFit))
         return from_torch(data_fit.physical_model(eta_t), kind)
 
     def _pack(self, bound: InvertibleModule, eta: Any, s: Any, names=("eta", "s")):
