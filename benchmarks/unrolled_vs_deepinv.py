@@ -597,6 +597,28 @@ def step_memory(system: str, task: str, iterations: int, dinv) -> dict:
 
 
 TIMED_SYSTEMS = ("irim-zero", "irim-proximal")
+COMPARED_SYSTEMS = ("irim-proximal", "irim-steepest", "dinv-pgd")
+
+
+def step_times(task: str, systems: Sequence[str], repeats: int, dinv) -> dict:
+    """Median training-step time of each system, the systems' steps alternating in one process
+    (the training runs' own step times come from separate runs under whatever load there was)."""
+    import torch
+
+    physics = make_physics(task)
+    x, d = training_batch(physics, 0, 0)
+    models = {}
+    for system in systems:
+        torch.manual_seed(0)
+        models[system] = (build(system, task, dinv=dinv), system_physics(system, physics, dinv))
+    times: dict = {system: [] for system in systems}
+    for repeat in range(repeats + 2):
+        for system, (model, phys) in models.items():
+            start = time.perf_counter()
+            training_step(model, phys, x, d)
+            if repeat >= 2:  # two warm-up rounds
+                times[system].append(time.perf_counter() - start)
+    return {"task": task} | {s: 1e3 * statistics.median(t) for s, t in times.items()}
 
 
 def plain_vs_memory_free(task: str, repeats: int, system: str = "irim-zero") -> dict:
@@ -703,7 +725,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     done = {(r["task"], r["system"], r.get("seed")) for r in results}
     agreement: dict = previous.get("settings", {}).get("physics_vs_deepinv_max_diff", {})
 
-    def payload(memory=(), timing=()) -> dict:
+    def payload(memory=(), timing=(), steps=()) -> dict:
         return {
             "machine": machine_info("cpu", "float32", args.threads)
             | {"deepinv": getattr(dinv, "__version__", None)},
@@ -725,6 +747,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "results": results,
             "memory": list(memory) or previous.get("memory", []),
             "timing": list(timing) or previous.get("timing", []),
+            "step_times": list(steps) or previous.get("step_times", []),
         }
 
     for task in tasks:
@@ -761,7 +784,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 write_json(path, payload())
 
     if not args.cost:
-        memory, timing = [], []
+        memory, timing, steps = [], [], []
     else:
         memory = [
             step_memory(system, task, n, dinv)
@@ -777,7 +800,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for system in TIMED_SYSTEMS
             if irim
         ]
-    final = payload(memory, timing)
+        compared = [s for s in COMPARED_SYSTEMS if s not in skipped]
+        steps = [step_times(task, compared, args.repeats, dinv) for task in tasks]
+    final = payload(memory, timing, steps)
     report(final, tasks)
     write_json(path, final)
     figure = plot(final, tasks, args.plots / path.with_suffix(".png").name)
@@ -881,6 +906,15 @@ def report(payload: dict, tasks: Sequence[str]) -> None:
                     )
                     for t in payload["timing"]
                 ],
+            )
+        )
+    if payload.get("step_times"):
+        print("\n### Training step at 6 iterations, the systems alternating in one process (ms)")
+        names = [k for k in payload["step_times"][0] if k != "task"]
+        print(
+            markdown_table(
+                ("task", *names),
+                [(t["task"], *(fmt(t[n], 1) for n in names)) for t in payload["step_times"]],
             )
         )
     for system, reason in payload["skipped"].items():

@@ -231,6 +231,10 @@ def test_unrolled_vs_deepinv_without_deepinv(tmp_path, capsys, monkeypatch):
     assert {m["system"] for m in result["memory"]} == set(memory)
     assert all(m["peak_mb"] > 0 for m in result["memory"])
     assert {t["system"] for t in result["timing"]} == {"irim-zero", "irim-proximal"}
+    (steps,) = result["step_times"]  # deepinv absent: its PGD is not timed
+    assert set(steps) == {"task", "irim-proximal", "irim-steepest"}
+    assert all(v > 0 for k, v in steps.items() if k != "task")
+    assert "alternating in one process (ms)" in out
     assert all(t["memory_free_ms"] > 0 and t["plain_ms"] > 0 for t in result["timing"])
     assert (tmp_path / "unrolled_vs_deepinv_quick.png").stat().st_size > 0
 
