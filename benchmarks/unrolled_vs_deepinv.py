@@ -489,6 +489,8 @@ def evaluate_system(system, task, seed, steps, lr, test, dinv, progress) -> dict
         "step_ms": 1e3 * statistics.median(warm),
         "final_loss": statistics.mean(losses[-min(50, len(losses)) :]),
     }
+    # training that ends above where it started diverged, whatever the loss is at the end
+    result["diverged"] = result["final_loss"] > statistics.mean(losses[: min(50, len(losses))])
     return result
 
 
@@ -830,7 +832,8 @@ def summary(results: list[dict], task: str) -> list[dict]:
             if ok and "step_ms" in ok[0]
             else None,
             "weight": runs[0].get("weight"),
-            "failed": [r["error"] for r in runs if "error" in r],
+            "failed": [r["error"] for r in runs if "error" in r]
+            + [f"diverged (final loss {r['final_loss']:.3g})" for r in runs if r.get("diverged")],
         }
         out.append(row)
     return out
@@ -858,7 +861,7 @@ def report(payload: dict, tasks: Sequence[str]) -> None:
                 ),
                 [
                     (
-                        r["system"],
+                        r["system"] + (f" ({'; '.join(r['failed'])})" if r["failed"] else ""),
                         " / ".join(_score(v) for v in r["psnr_seeds"]),
                         _score(r["psnr"]),
                         " / ".join(_score(v, 3) for v in r["ssim_seeds"]),
@@ -926,7 +929,7 @@ def plot(payload: dict, tasks: Sequence[str], path: Path) -> Path:
     for ax, task in zip(axes, tasks):
         rows = summary(payload["results"], task)
         names = [r["system"] for r in rows]
-        finite = [v for r in rows for v in r["psnr_seeds"] if math.isfinite(v)]
+        finite = [v for r in rows if not r["failed"] for v in r["psnr_seeds"] if math.isfinite(v)]
         low = max(0.0, min(finite, default=3.0) - 3)
         ax.bar(range(len(rows)), [r["psnr"] for r in rows], color="tab:blue")
         for i, r in enumerate(rows):
