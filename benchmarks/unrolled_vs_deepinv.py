@@ -931,7 +931,11 @@ def plot(payload: dict, tasks: Sequence[str], path: Path) -> Path:
         names = [r["system"] for r in rows]
         finite = [v for r in rows if not r["failed"] for v in r["psnr_seeds"] if math.isfinite(v)]
         low = max(0.0, min(finite, default=3.0) - 3)
-        ax.bar(range(len(rows)), [r["psnr"] for r in rows], color="tab:blue")
+        colours = [
+            "tab:blue" if n.startswith("irim") else "tab:orange" if n.startswith("dinv") else "0.6"
+            for n in names
+        ]  # invops, deepinv, classical baselines
+        ax.bar(range(len(rows)), [r["psnr"] for r in rows], color=colours)
         for i, r in enumerate(rows):
             ax.plot([i] * len(r["psnr_seeds"]), r["psnr_seeds"], "k.", ms=4)
             if r["failed"]:
@@ -939,7 +943,7 @@ def plot(payload: dict, tasks: Sequence[str], path: Path) -> Path:
         ax.set_xticks(range(len(rows)), names, rotation=45, ha="right")
         ax.set_ylim(low, None)
         ax.set_ylabel("test PSNR (dB)")
-        ax.set_title(f"{task}: mean over seeds (dots: each seed)")
+        ax.set_title(f"{task}: mean over seeds (dots: each seed)\nblue invops, orange deepinv")
     ax = axes[-1]
     curves = {}
     for m in payload["memory"]:
