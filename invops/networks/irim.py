@@ -748,8 +748,9 @@ class NetworkLoop(NonlinearOperator):
     (never by a vanishing gate). Without the memory term :math:`S\,v` (the first iteration,
     where :math:`v = 0`) and with :math:`w_j = 1` the update is
     :math:`\eta \leftarrow z + t(z)`: a gradient step and a learned residual correction,
-    deepinv's unrolled PGD with a residual denoiser; later iterations add the learned momentum. A fresh loop (conditioners at zero) with the identity
-    link is the heavy-ball method with step ``step_size`` and momentum 0.54. The conditioner
+    deepinv's unrolled PGD with a residual denoiser; later iterations add the learned
+    momentum. A fresh loop (conditioners at zero) with the identity link is the heavy-ball
+    method with step ``step_size`` and momentum 0.54. The conditioner
     reads the corrected estimate itself at full resolution, which the additive i-RIM cannot do:
     there the estimate is updated from a rotated half of the state through quarter-resolution
     conditioners. On ``benchmarks/unrolled_vs_deepinv.py`` it is the configuration that beats
