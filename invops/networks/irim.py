@@ -282,6 +282,11 @@ def _channel_weights(weight: torch.Tensor, complex_model: bool, like: torch.Tens
     return per_channel.view(1, -1, *(1,) * (like.ndim - 2))
 
 
+def _is_real(value: Any) -> bool:
+    """A real number: Python's or numpy's ints and floats (``numbers.Real``), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _sum_squares(t: torch.Tensor) -> torch.Tensor:
     """``||t_i||^2`` per sample (real tensors, or complex ones by their parts)."""
     t = torch.view_as_real(t) if t.is_complex() else t
@@ -871,7 +876,7 @@ class NetworkLoop(NonlinearOperator):
                 f"NetworkLoop: type='proximal' carries one velocity channel per model channel, "
                 f"so n_in must be 2 * n_model = {2 * n_model}, got n_in={n_in}"
             )
-        if isinstance(step_size, bool) or not isinstance(step_size, numbers.Real):
+        if not _is_real(step_size):
             raise TypeError(
                 f"NetworkLoop: step_size must be a real number, got {step_size.__class__.__name__}"
             )
