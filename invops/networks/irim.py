@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .._arrays import array_kind, from_torch
+from .._autodiff import add_tangents
 from ..jacobian import JacobianOperator
 from ..layers.actnorm import ActNorm
 from ..layers.coupling import Coupling
@@ -522,13 +523,13 @@ class _ProximalStep(_DataFit):
 
     def _coefficients(self, h: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         if h.ndim < 2 or h.shape[1] != 2 * self.n_model:
-            got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
             raise ValueError(
                 f"NetworkLoop: the proximal iteration's conditioner must return "
-                f"2 * n_model = {2 * self.n_model} channels (gate and shift), got {got}"
+                f"2 * n_model = {2 * self.n_model} channels (gate and shift), got "
+                f"{tuple(h.shape)}"
             )
         a, t = h.chunk(2, dim=1)
-        return torch.cat((a + self.gate.view(1, -1, *(1,) * (a.ndim - 2)), t - shift), dim=1)
+        return torch.cat((a + _channel_weights(self.gate, False, a), t - shift), dim=1)
 
     def _forward(self, eta: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         _, _, grad = self._gradient(eta, d)
@@ -542,19 +543,18 @@ class _ProximalStep(_DataFit):
         tau = _channel_weights(self.step, self.complex_model, grad)
         shift = tau * grad
         dtau, dgate = dtheta.get(self.step), dtheta.get(self.gate)
-        terms = ([] if dgrad is None else [tau * dgrad]) + (
-            [] if dtau is None else [_channel_weights(dtau, self.complex_model, grad) * grad]
+        dshift = add_tangents(
+            None if dgrad is None else tau * dgrad,
+            None if dtau is None else _channel_weights(dtau, self.complex_model, grad) * grad,
         )
-        dshift = sum(terms[1:], terms[0]) if terms else None
-        dz = dx if dshift is None else (-dshift if dx is None else dx - dshift)
+        dz = add_tangents(dx, None if dshift is None else -dshift)
         h, dh = self.conditioner._tangent(x - shift, (), dz, (), dtheta)
         y = self._coefficients(h, shift)
         if dh is None and dshift is None and dgate is None:
             return y, None
-        dh = torch.zeros_like(h) if dh is None else dh
-        da, dt = dh.chunk(2, dim=1)
+        da, dt = (torch.zeros_like(h) if dh is None else dh).chunk(2, dim=1)
         if dgate is not None:
-            da = da + dgate.view(1, -1, *(1,) * (da.ndim - 2))
+            da = da + _channel_weights(dgate, False, da)
         if dshift is not None:
             dt = dt - dshift
         return y, torch.cat((da, dt), dim=1)
@@ -569,15 +569,14 @@ class _Velocity(Block):
         self.weight = torch.nn.Parameter(torch.ones(n_model))
 
     def _forward(self, v: torch.Tensor) -> torch.Tensor:
-        return self.weight.view(1, -1, *(1,) * (v.ndim - 2)) * v
+        return _channel_weights(self.weight, False, v) * v
 
     def _tangent_rule(self, x, cond, dx, dcond, dtheta):
-        weight = self.weight.view(1, -1, *(1,) * (x.ndim - 2))
-        dweight = dtheta.get(self.weight)
-        terms = ([] if dx is None else [weight * dx]) + (
-            [] if dweight is None else [dweight.view_as(weight) * x]
+        weight, dweight = _channel_weights(self.weight, False, x), dtheta.get(self.weight)
+        return weight * x, add_tangents(
+            None if dx is None else weight * dx,
+            None if dweight is None else _channel_weights(dweight, False, x) * x,
         )
-        return weight * x, (sum(terms[1:], terms[0]) if terms else None)
 
 
 class _BoundLoop(InvertibleModule):
