@@ -273,28 +273,14 @@ def check_against_deepinv(dinv, physics) -> float:
 
 
 # ------------------------------------------------------------------------------ systems
-def invops_operator(physics):
-    """``physics`` as invops takes it: a ``(forward, adjoint)`` pair on batches of models
-    (``(B, n, n)`` for one channel: invops drops the channel axis of a one-channel model)."""
-    if physics.n_model == 1:
-        return (lambda m: physics.A(m[:, None]), lambda r: physics.A_adjoint(r)[:, 0])
-    return (physics.A, physics.A_adjoint)
-
-
 def _irim_module():
-    import inspect
-
     import torch
 
     import invops
 
-    native = set(inspect.signature(invops.NetworkLoop).parameters)
-
     class IRIM(torch.nn.Module):
-        """``NetworkLoop`` from zero, ``w A^T d`` (``"adjoint"``) or ``w t(d) A^T d``
+        """``NetworkLoop`` from zero, ``w A^T d`` (``init="adjoint"``) or ``w t(d) A^T d``
         (``"steepest"``, ``t`` the exact line-search step from zero), as ``x = f(d, physics)``.
-
-        Uses ``NetworkLoop(init=...)`` where invops has it, else builds the same start here.
         """
 
         def __init__(
@@ -320,41 +306,22 @@ def _irim_module():
             options: dict = dict(k1=3, p1=1, s1=1) if full_resolution else {}
             if proximal:
                 options["type"] = "proximal"
-            if tied and "tied" not in native:
-                raise RuntimeError("this invops has no NetworkLoop(tied=...): update invops")
             if tied:
                 options["tied"] = True
-            self.init = init
-            self.start_weight = None
             if init != "zero":
-                if "init" in native:
-                    options["init"] = init
-                else:
-                    self.start_weight = torch.nn.Parameter(torch.ones(1, self.n_model, 1, 1))
+                options["init"] = init
             self.loop = invops.NetworkLoop(
                 self.n_model + self.n_memory, hidden, iterations, n_model=self.n_model, **options
             )
             self.plain = False
 
-        def _start(self, d, physics):
-            if self.start_weight is None:
-                return d.new_zeros(d.shape[0], self.n_model, SIZE, SIZE)
-            g = physics.A_adjoint(d)
-            if self.init == "steepest":
-                dims = tuple(range(1, g.ndim))
-                step = g.square().sum(dims, keepdim=True) / physics.A(g).square().sum(
-                    dims, keepdim=True
-                )
-                g = step * g
-            return self.start_weight * g
-
         def forward(self, d, physics):
-            eta = self._start(d, physics)
+            # the start is the loop's own (init=); NetworkLoop takes any object with A and
+            # A_adjoint (deepinv's physics) as its operator
+            eta = d.new_zeros(d.shape[0], self.n_model, SIZE, SIZE)
             s = d.new_zeros(d.shape[0], self.n_memory, SIZE, SIZE)
-            # invops with init= also takes any object with A and A_adjoint (deepinv's physics)
-            J = physics if "init" in native else invops_operator(physics)
             with invops.plain_autograd() if self.plain else contextlib.nullcontext():
-                return self.loop(eta, s, d, J)[0]
+                return self.loop(eta, s, d, physics)[0]
 
     return IRIM
 

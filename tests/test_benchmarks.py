@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import inspect
 import json
 import math
 import sys
@@ -22,8 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import invops
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -192,8 +189,6 @@ def test_maxsize_sweep_needs_a_gpu(capsys):
     assert "needs a GPU" in capsys.readouterr().err
 
 
-# NetworkLoop(tied=...) and init=... where this invops has them (else the script builds the start)
-_TIED = "tied" in inspect.signature(invops.NetworkLoop).parameters
 QUICK = ["--quick", "--threads", "1", "--no-progress", "--seeds", "0"]
 
 
@@ -209,7 +204,7 @@ def test_unrolled_vs_deepinv_without_deepinv(tmp_path, capsys, monkeypatch):
         "tv",
         "adjoint",
     ]
-    memory = ["irim-proximal", "irim-steepest", *(["irim-steepest-tied"] if _TIED else [])]
+    memory = ["irim-proximal", "irim-steepest", "irim-steepest-tied"]
     args = [*QUICK, "--task", "deblur", "--systems", *systems, "--memory-systems", *memory]
     out = run(unrolled_vs_deepinv.main, args, tmp_path, capsys)
 
